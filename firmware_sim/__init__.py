@@ -1,0 +1,10 @@
+"""Device simulators that speak the same bytes as the real hardware.
+
+``SIMULATORS`` maps the name used by ``medge sim NAME`` to the module implementing it. Each
+module provides ``HELP`` (one line), ``add_arguments(parser)`` for its own options (documenting
+defaults in ``--help``), and ``create(args) -> Handler`` returning the coroutine function that
+serves one host connection (see :mod:`firmware_sim.link`). A module may also provide
+``async def background(args, server)`` for work that runs while the simulator is up.
+"""
+
+SIMULATORS: dict[str, str] = {}

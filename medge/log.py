@@ -1,0 +1,59 @@
+"""structlog set-up: JSON lines for journald, readable lines on a terminal.
+
+Every line carries ``daemon`` and ``device``. :class:`StateLog` logs a state transition once
+(connected -> lost -> recovered) instead of one line per retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
+    """Configure structlog for this process; ``context`` (daemon=..., device=...) goes on every line."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**{"daemon": "medge", "device": "-", **context})
+
+
+def get_logger(**context: Any) -> Any:
+    return structlog.get_logger().bind(**context)
+
+
+class StateLog:
+    """Logs a named state only when it changes, so a retry loop does not flood the journal."""
+
+    def __init__(self, logger: Any, subject: str) -> None:
+        self._logger = logger
+        self._subject = subject
+        self.state: str | None = None
+
+    def set(self, state: str, level: str = "info", **fields: Any) -> bool:
+        """Record ``state``; log it (and return True) only if it differs from the last one."""
+        if state == self.state:
+            return False
+        previous, self.state = self.state, state
+        getattr(self._logger, level)(f"{self._subject} {state}", previous=previous, **fields)
+        return True

@@ -1,0 +1,68 @@
+"""The driver-side SerialLink against the simulator-side SimulatorServer, over TCP and a pty."""
+
+from __future__ import annotations
+
+import pytest
+
+from drivers.serial_link import LinkError, SerialLink
+from firmware_sim.link import DeviceLink, Endpoint, Faults, HostDisconnected, SimulatorServer
+
+
+async def echo_upper(link: DeviceLink) -> None:
+    try:
+        while True:
+            await link.write((await link.read()).upper())
+    except HostDisconnected:
+        pass
+
+
+@pytest.mark.parametrize("where", ["tcp://127.0.0.1:0", "pty"])
+async def test_round_trip(where: str) -> None:
+    async with SimulatorServer(echo_upper, Endpoint.parse(where)) as server:
+        async with SerialLink.open(server.address) as link:
+            await link.write(b"hello\n")
+            assert await link.read_until(b"\n", timeout=2) == b"HELLO\n"
+            await link.write(b"abc")
+            assert await link.read_exactly(3, timeout=2) == b"ABC"
+
+
+async def test_read_timeout_when_device_stalls() -> None:
+    faults = Faults()
+    async with SimulatorServer(echo_upper, Endpoint.parse("tcp://127.0.0.1:0"), faults) as server:
+        async with SerialLink.open(server.address) as link:
+            faults.stall()
+            await link.write(b"ping\n")
+            with pytest.raises(TimeoutError):
+                await link.read_until(b"\n", timeout=0.2)
+            faults.stall(False)
+            await link.write(b"pong\n")
+            assert await link.read_until(b"\n", timeout=2) == b"PONG\n"
+
+
+async def test_disconnect_is_reported() -> None:
+    faults = Faults()
+    async with SimulatorServer(echo_upper, Endpoint.parse("tcp://127.0.0.1:0"), faults) as server:
+        async with SerialLink.open(server.address) as link:
+            faults.disconnect()
+            with pytest.raises(LinkError, match="disconnected"):
+                await link.read(timeout=2)
+
+
+async def test_corruption_changes_bytes() -> None:
+    faults = Faults(corrupt_rate=1.0, seed=1)
+    async with SimulatorServer(echo_upper, Endpoint.parse("tcp://127.0.0.1:0"), faults) as server:
+        async with SerialLink.open(server.address) as link:
+            await link.write(b"abcdef")
+            data = await link.read_exactly(6, timeout=2)
+            assert data != b"ABCDEF"
+            assert all(bin(a ^ b).count("1") == 1 for a, b in zip(data, b"ABCDEF", strict=True))
+
+
+async def test_open_unreachable_url_names_it() -> None:
+    with pytest.raises(LinkError, match="socket://127.0.0.1:1"):
+        await SerialLink.open("socket://127.0.0.1:1").connect()
+
+
+def test_bad_listen_url() -> None:
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        Endpoint.parse("udp://x")
