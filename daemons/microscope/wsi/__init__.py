@@ -1,0 +1,1 @@
+"""Whole-slide pipeline: registration, placement, pyramid, DICOM WSI, PACS delivery."""
