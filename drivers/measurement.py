@@ -11,8 +11,13 @@ or drop data, so neither timestamp is corrected here.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar
+
+COMPARATORS = (None, "<", "<=", ">=", ">")
 
 
 class MeasurementError(ValueError):
@@ -39,6 +44,9 @@ class Reading:
     """When the device says it measured this reading, as reported (may be far off)."""
     flags: frozenset[str] = frozenset()
     """Device or driver flags, e.g. ``"abnormal"``, ``"finger_out"``, ``"artefact"``."""
+    comparator: str | None = None
+    """``"<"``, ``"<="``, ``">="`` or ``">"`` when the device reports a bound (``SG >=1.030``),
+    exactly like FHIR ``Quantity.comparator``."""
 
     def __post_init__(self) -> None:
         if not self.quantity:
@@ -47,6 +55,8 @@ class Reading:
             raise MeasurementError(f"Reading {self.quantity}: needs a value, text or ordinal")
         if self.value is not None and not math.isfinite(self.value):
             raise MeasurementError(f"Reading {self.quantity}: value {self.value} is not finite")
+        if self.comparator not in COMPARATORS:
+            raise MeasurementError(f"Reading {self.quantity}: bad comparator {self.comparator!r}")
 
 
 @dataclass(frozen=True)
@@ -92,3 +102,36 @@ class Measurement:
     def reading(self, quantity: str) -> Reading | None:
         """The reading for ``quantity``, or ``None`` if the device did not report it."""
         return next((r for r in self.readings if r.quantity == quantity), None)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MeasurementDevice(ABC):
+    """Base of every home-gateway device driver: a source of :class:`Measurement` objects.
+
+    Subclasses compose a link (``drivers.serial_link.SerialLink``) and implement
+    :meth:`_do_next_measurement`, resynchronising by themselves after garbage or a broken frame.
+    A lost link surfaces as ``LinkError``: reconnecting is the caller's decision (hot-plug).
+    ``clock`` gives the gateway time stamped into ``received_at``; tests may replace it.
+    """
+
+    device_kind: ClassVar[str]
+
+    def __init__(self, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._clock = clock
+        self.rejected = 0
+        """Frames/reports/lines dropped as malformed since start (a link-quality metric)."""
+
+    async def next_measurement(self) -> Measurement:
+        """Wait for the device's next complete measurement."""
+        return await self._do_next_measurement()
+
+    async def measurements(self) -> AsyncIterator[Measurement]:
+        """Yield measurements as the device produces them, until the link fails."""
+        while True:
+            yield await self.next_measurement()
+
+    @abstractmethod
+    async def _do_next_measurement(self) -> Measurement: ...
