@@ -7,4 +7,6 @@ serves one host connection (see :mod:`firmware_sim.link`). A module may also pro
 ``async def background(args, server)`` for work that runs while the simulator is up.
 """
 
-SIMULATORS: dict[str, str] = {}
+SIMULATORS: dict[str, str] = {
+    "astm-urine": "firmware_sim.astm_urine",
+}
