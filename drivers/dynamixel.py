@@ -169,8 +169,8 @@ class DynamixelBus:
                 f"servo {expected_id}: no status for {instruction.name} within "
                 f"{self.timeout_s * 1000:.0f} ms"
             ) from None
-        except LinkError as exc:
-            raise DynamixelLinkError(str(exc)) from exc
+        except (LinkError, ConnectionError) as exc:
+            raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
 
     async def _transact(
         self, servo_id: int, instruction: Instruction, params: bytes, reply_ids: Sequence[int]
@@ -183,8 +183,8 @@ class DynamixelBus:
                 try:
                     await self.link.write(packet)
                     replies = [await self._receive(rid, instruction) for rid in reply_ids]
-                except LinkError as exc:
-                    raise DynamixelLinkError(str(exc)) from exc
+                except (LinkError, ConnectionError) as exc:
+                    raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
                 except (DynamixelTimeout, CrcMismatch):
                     if attempt == self.retries:
                         raise

@@ -18,13 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import math
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-from firmware_sim.link import DeviceLink, Handler, HostDisconnected, SimulatorServer
+from firmware_sim.link import (
+    DeviceLink,
+    Endpoint,
+    Faults,
+    Handler,
+    HostDisconnected,
+    SimulatorServer,
+)
 
 HELP = "five Dynamixel XM430 servos (Protocol 2.0) of the ultrasound probe manipulator"
 
@@ -362,6 +370,20 @@ class DynamixelSim:
         while True:
             self.advance()
             await asyncio.sleep(period_s)
+
+    @contextlib.asynccontextmanager
+    async def serving(
+        self, where: str = "tcp://127.0.0.1:0", faults: Faults | None = None
+    ) -> AsyncIterator[SimulatorServer]:
+        """Serve the bus on ``where`` with physics running (for tests and embedding)."""
+        async with SimulatorServer(self.serve, Endpoint.parse(where), faults) as server:
+            physics = asyncio.create_task(self.run(), name="dynamixel-sim-physics")
+            try:
+                yield server
+            finally:
+                physics.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await physics
 
     async def serve(self, link: DeviceLink) -> None:
         """The firmware_sim handler: one host connection to the bus."""

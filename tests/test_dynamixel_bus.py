@@ -1,0 +1,181 @@
+"""The Dynamixel driver against the simulated bus: transactions, errors, retries, watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from drivers.dynamixel import (
+    XM430,
+    DynamixelBus,
+    DynamixelChain,
+    DynamixelLinkError,
+    DynamixelTimeout,
+    ServoStatusError,
+    ticks_to_rad,
+)
+from drivers.dynamixel_protocol import CrcMismatch, StatusErrorCode
+from drivers.serial_link import SerialLink
+from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
+from firmware_sim.link import Faults
+
+IDS = [1, 2, 3, 4, 5]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - simulator state has no events
+            await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def rig(
+    where: str = "tcp://127.0.0.1:0", faults: Faults | None = None, retries: int = 2
+) -> AsyncIterator[tuple[DynamixelSim, DynamixelBus]]:
+    sim = DynamixelSim(IDS)
+    for servo in sim.servos:
+        servo.table[9] = 0  # return delay 0, as medge configures real servos
+    async with sim.serving(where, faults) as server, SerialLink.open(server.address) as link:
+        yield sim, DynamixelBus(link, timeout_s=0.2, retries=retries)
+
+
+@pytest.mark.parametrize("where", ["tcp://127.0.0.1:0", "pty"])
+async def test_ping_read_write(where: str) -> None:
+    async with rig(where) as (sim, bus):
+        assert await bus.ping(3) == (1020, 46)
+        await bus.write(3, XM430.RETURN_DELAY_TIME, 10)
+        assert await bus.read(3, XM430.RETURN_DELAY_TIME) == 10
+        assert sim.servo(3).return_delay_s == pytest.approx(20e-6)
+
+
+async def test_eeprom_locked_while_torque_on() -> None:
+    async with rig() as (_sim, bus):
+        await bus.write(2, XM430.TORQUE_ENABLE, 1)
+        with pytest.raises(ServoStatusError) as caught:
+            await bus.write(2, XM430.OPERATING_MODE, 4)
+        assert caught.value.code is StatusErrorCode.ACCESS_ERROR and caught.value.servo_id == 2
+        await bus.write(2, XM430.TORQUE_ENABLE, 0)
+        await bus.write(2, XM430.OPERATING_MODE, 4)
+        assert await bus.read(2, XM430.OPERATING_MODE) == 4
+
+
+async def test_read_only_and_limits_are_enforced() -> None:
+    async with rig() as (_sim, bus):
+        with pytest.raises(ServoStatusError, match="ACCESS_ERROR"):
+            await bus.write(1, XM430.PRESENT_POSITION, 10)
+        with pytest.raises(ServoStatusError, match="DATA_LIMIT_ERROR"):
+            await bus.write(1, XM430.GOAL_POSITION, 5000)
+
+
+async def test_chain_moves_servos_with_one_sync_write_and_reads_states() -> None:
+    async with rig() as (sim, bus):
+        chain = DynamixelChain(bus, IDS, profile_velocity_rad_s=2.0,
+                               profile_acceleration_rad_s2=20.0)
+        await chain.enable(watchdog_s=0)
+        goals = [0.1, -0.2, 0.3, -0.4, 0.5]
+        await bus.ping(1)  # a round trip: everything sent before it has been processed
+        before = sim.packets_received
+        await chain.write_goals(goals)
+        await wait_for(lambda: sim.packets_received > before)
+        await wait_for(lambda: all(abs(p - g) < 0.01 for p, g in
+                                   zip(sim.positions(), goals, strict=True)))
+        assert sim.packets_received == before + 1  # one Sync Write carried all five goals
+        states = await chain.read_states()
+        assert [s.servo_id for s in states] == IDS
+        for state, goal in zip(states, goals, strict=True):
+            assert state.position_rad == pytest.approx(goal, abs=0.01)
+            assert state.voltage_v == pytest.approx(12.0)
+            assert not state.faulted
+        # the profile velocity bounded the motion
+        peak = max(abs(v) for sample in sim.motion_log for v in sample.velocities)
+        assert 1.0 < peak <= 2.0 + 0.05
+
+
+async def test_bulk_read_mixes_registers() -> None:
+    async with rig() as (_sim, bus):
+        replies = await bus.bulk_read([(1, XM430.PRESENT_INPUT_VOLTAGE),
+                                       (4, XM430.PRESENT_TEMPERATURE)])
+        assert int.from_bytes(replies[1].params, "little") == 120
+        assert int.from_bytes(replies[4].params, "little") == 30
+
+
+async def test_corrupted_replies_are_retried_then_reported() -> None:
+    faults = Faults(corrupt_rate=0.02, seed=7)
+    async with rig(faults=faults, retries=8) as (_sim, bus):
+        for _ in range(20):
+            assert await bus.ping(1) == (1020, 46)
+        assert bus.retried > 0
+        faults.corrupt_rate = 1.0
+        with pytest.raises((CrcMismatch, DynamixelTimeout)):
+            await bus.ping(1)
+
+
+async def test_silent_servo_times_out_after_bounded_retries() -> None:
+    async with rig(retries=1) as (_sim, bus):
+        with pytest.raises(DynamixelTimeout, match="servo 9: no status for PING"):
+            await bus.ping(9)
+        assert bus.retried == 1
+
+
+async def test_unplugged_bus_is_a_link_error() -> None:
+    faults = Faults()
+    async with rig(faults=faults) as (_sim, bus):
+        faults.disconnect()
+        with pytest.raises(DynamixelLinkError):
+            for _ in range(50):
+                await bus.ping(1)
+
+
+async def test_overload_latches_until_reboot() -> None:
+    async with rig() as (sim, bus):
+        chain = DynamixelChain(bus, IDS)
+        await chain.enable(watchdog_s=0)
+        sim.servo(3).external_torque_nm = STALL_TORQUE_NM * 1.5
+        await wait_for(lambda: sim.servo(3).hardware_error != 0)
+        assert not sim.servo(3).torque_on
+        states = await chain.read_states()
+        assert states[2].hardware_error == 1 << HW_OVERLOAD and states[2].faulted
+        sim.servo(3).external_torque_nm = 0.0
+        with pytest.raises(ServoStatusError, match="RESULT_FAIL"):
+            await bus.write(3, XM430.TORQUE_ENABLE, 1)  # only a reboot clears it
+        await bus.reboot(3)
+        assert await bus.read(3, XM430.HARDWARE_ERROR_STATUS) == 0
+        await bus.write(3, XM430.TORQUE_ENABLE, 1)
+
+
+async def test_bus_watchdog_stops_servo_when_host_goes_silent() -> None:
+    async with rig() as (sim, bus):
+        chain = DynamixelChain(bus, IDS, profile_velocity_rad_s=1.0)
+        await chain.enable(watchdog_s=0.1)
+        assert await bus.read(1, XM430.BUS_WATCHDOG) == 5
+        await chain.write_goals([2.5, 0, 0, 0, 0])  # a long move, then the host goes quiet
+        await wait_for(lambda: sim.servo(1).watchdog_tripped)
+        stopped_at = sim.servo(1).position
+        assert 0 < stopped_at < 1.0  # stopped mid-way, not at the goal
+        await asyncio.sleep(0.05)  # let physics run: a stopped servo stays put
+        assert sim.servo(1).position == stopped_at
+        assert await bus.read(1, XM430.BUS_WATCHDOG, signed=True) == -1
+        with pytest.raises(ServoStatusError, match="DATA_RANGE_ERROR"):
+            await bus.write(1, XM430.GOAL_POSITION, 3000)
+        await bus.write(1, XM430.BUS_WATCHDOG, 0)  # the explicit clear
+        await bus.write(1, XM430.GOAL_POSITION, 2048)
+        await wait_for(lambda: abs(sim.servo(1).position) < 0.01)
+
+
+async def test_chain_refuses_bad_goals() -> None:
+    async with rig() as (_sim, bus):
+        chain = DynamixelChain(bus, IDS)
+        with pytest.raises(ValueError, match="4 goals for 5 joints"):
+            await chain.write_goals([0.0] * 4)
+        with pytest.raises(ValueError, match="non-finite"):
+            await chain.write_goals([0.0, 0.0, math.nan, 0.0, 0.0])
+        with pytest.raises(ValueError, match="distinct"):
+            DynamixelChain(bus, [1, 1])
+
+
+def test_units() -> None:
+    assert ticks_to_rad(3072) == pytest.approx(math.pi / 2)
