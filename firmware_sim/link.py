@@ -17,8 +17,9 @@ import os
 import random
 import termios
 import tty
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 
@@ -72,8 +73,8 @@ class DeviceLink:
 
     def __init__(
         self,
-        read_raw: Callable[[], Awaitable[bytes]],
-        write_raw: Callable[[bytes], Awaitable[None]],
+        read_raw: Callable[[], Coroutine[Any, Any, bytes]],
+        write_raw: Callable[[bytes], Coroutine[Any, Any, None]],
         faults: Faults,
     ) -> None:
         self._read_raw = read_raw
@@ -104,7 +105,7 @@ class DeviceLink:
             await self._write_raw(data)
 
 
-Handler = Callable[[DeviceLink], Awaitable[None]]
+Handler = Callable[[DeviceLink], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class SimulatorServer:
         self._server: asyncio.Server | None = None
         self._pty_task: asyncio.Task[None] | None = None
         self._pty_fds: tuple[int, int] | None = None
-        self._active: asyncio.Task[None] | None = None
+        self._active: asyncio.Task[Any] | None = None
 
     async def start(self) -> str:
         if self.endpoint.kind == "tcp":
@@ -155,7 +156,9 @@ class SimulatorServer:
             self._pty_task = asyncio.create_task(self._run_pty(master))
         return self.address
 
-    async def _on_tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_tcp_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if self._active is not None and not self._active.done():
             writer.close()  # a serial port has one host at a time
             return
@@ -167,7 +170,7 @@ class SimulatorServer:
         async def read_raw() -> bytes:
             return await reader.read(4096)
 
-        self._active = asyncio.current_task()  # type: ignore[assignment]
+        self._active = asyncio.current_task()
         try:
             await self._run_session(DeviceLink(read_raw, write_raw, self.faults))
         except asyncio.CancelledError:

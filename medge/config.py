@@ -104,7 +104,11 @@ def load(path: str | os.PathLike[str], schema: type[T]) -> T:
 
 
 def from_mapping(
-    data: Mapping[str, Any], schema: type[T], *, source: str = "<config>", base_dir: Path | None = None
+    data: Mapping[str, Any],
+    schema: type[T],
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
 ) -> T:
     """Validate an already-parsed mapping (e.g. a JSON job payload) into ``schema``."""
     converter = _Converter(source, base_dir or Path.cwd())
@@ -132,7 +136,8 @@ class _Converter:
         for name, spec in fields.items():
             key = _join(prefix, name)
             if name not in data:
-                if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                no_default = spec.default is dataclasses.MISSING
+                if no_default and spec.default_factory is dataclasses.MISSING:
                     self.fail(key, "required key is missing")
                 continue
             values[name] = self.value(data[name], hints[name], key, spec.metadata)

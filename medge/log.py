@@ -17,7 +17,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
-    """Configure structlog for this process; ``context`` (daemon=..., device=...) goes on every line."""
+    """Configure structlog for this process; ``context`` (daemon, device) goes on every line."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()

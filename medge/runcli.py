@@ -13,7 +13,8 @@ from medge.exitcodes import EXIT_USAGE
 from medge.service import Service
 
 DAEMONS: dict[str, str] = {}
-"""Daemon name -> module providing ``CONFIG`` (a DaemonConfig schema) and ``async main(cfg, service)``."""
+"""Daemon name -> module providing ``CONFIG`` (a DaemonConfig schema) and
+``async main(cfg, service)``."""
 
 
 def register(subparsers: Any) -> None:

@@ -1,0 +1,148 @@
+"""Sending spooled jobs: instance by instance over one connection per attempt, confirming each
+in the manifest, with exponential backoff after transient failures. Permanent failures mark the
+job ``failed`` (data kept) and raise, so the operator sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from medge.pacs.base import PacsError, PacsSender, PermanentPacsError, TransientPacsError
+from medge.pacs.config import Destination, RetryPolicy
+from medge.pacs.cstore import CStoreSender
+from medge.pacs.spool import Spool, SpoolJob
+from medge.pacs.stow import StowSender
+
+log = structlog.get_logger("medge.pacs")
+
+SenderFactory = Callable[[str, Destination], PacsSender]
+
+
+def make_sender(name: str, destination: Destination) -> PacsSender:
+    if destination.protocol == "dimse":
+        return CStoreSender(name, destination)
+    return StowSender(name, destination)
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    destination: str
+    confirmed: int
+    total: int
+    instance: str
+    """File name of the instance just confirmed."""
+
+
+class SpoolDelivery:
+    def __init__(
+        self,
+        spool: Spool,
+        destinations: Mapping[str, Destination],
+        retry: RetryPolicy,
+        *,
+        sender_factory: SenderFactory = make_sender,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_failure: Callable[[SpoolJob, PacsError], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.destinations = destinations
+        self.retry = retry
+        self.sender_factory = sender_factory
+        self.on_progress = on_progress
+        self.on_failure = on_failure
+        self._wake = asyncio.Event()
+
+    async def attempt(self, job: SpoolJob) -> bool:
+        """One delivery attempt. True: every instance confirmed and the job removed; False: a
+        transient failure, retry after ``job.next_attempt_at``. Raises PermanentPacsError."""
+        destination = self.destinations.get(job.destination)
+        try:
+            if destination is None:
+                raise PermanentPacsError(f"{job.destination}: destination not in the config")
+            await self._send_pending(job, self.sender_factory(job.destination, destination))
+        except TransientPacsError as exc:
+            job.failures += 1
+            job.last_error = str(exc)
+            job.next_attempt_at = time.time() + self.retry.delay(job.failures)
+            self.spool.save(job)
+            log.warning("pacs_delivery_retry", job=job.job_id, error=str(exc),
+                        failures=job.failures, retry_in_s=self.retry.delay(job.failures))
+            self._report_failure(job, exc)
+            return False
+        except PermanentPacsError as exc:
+            job.state = "failed"
+            job.last_error = str(exc)
+            self.spool.save(job)
+            log.error("pacs_delivery_failed", job=job.job_id, error=str(exc),
+                      kept=str(job.directory))
+            self._report_failure(job, exc)
+            raise
+        self.spool.remove(job)
+        log.info("pacs_delivered", job=job.job_id, destination=job.destination,
+                 instances=len(job.entries))
+        return True
+
+    def _report_failure(self, job: SpoolJob, error: PacsError) -> None:
+        if self.on_failure is not None:
+            self.on_failure(job, error)
+
+    async def _send_pending(self, job: SpoolJob, sender: PacsSender) -> None:
+        pending = job.pending
+        for entry in pending:
+            if not (job.directory / entry.file).is_file():
+                raise PermanentPacsError(f"{job.directory / entry.file}: spooled file is missing")
+        total = len(job.entries)
+        async with sender:
+            await sender.open([job.ref(entry) for entry in pending])
+            for entry in pending:
+                await sender.store(job.ref(entry))
+                entry.confirmed = True
+                job.failures = 0
+                self.spool.save(job)
+                if self.on_progress is not None:
+                    done = total - len(job.pending)
+                    self.on_progress(Progress(job.job_id, job.destination, done, total, entry.file))
+
+    async def deliver(self, job: SpoolJob) -> None:
+        """Attempt until delivered, waiting out the backoff between attempts (for the CLI and
+        tests; the daemon uses :meth:`run`). Raises PermanentPacsError."""
+        delivered = await self.attempt(job)
+        while not delivered:
+            await asyncio.sleep(max(0.0, job.next_attempt_at - time.time()))
+            delivered = await self.attempt(job)
+
+    def wake(self) -> None:
+        """A job was queued: look at the spool now instead of at the next due time."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event, idle_s: float = 60.0) -> None:
+        """Daemon loop: attempt every due pending job, then sleep until the next one is due, a
+        wake-up, or ``stop``. Jobs survive restarts because their state is in the spool."""
+        while not stop.is_set():
+            self._wake.clear()
+            jobs = [job for job in self.spool.jobs() if job.state == "pending"]
+            now = time.time()
+            for job in jobs:
+                if job.next_attempt_at <= now and not stop.is_set():
+                    try:
+                        await self.attempt(job)
+                    except PermanentPacsError:
+                        continue  # logged and kept; other jobs go on
+            pending = [job for job in self.spool.jobs() if job.state == "pending"]
+            due = min((job.next_attempt_at for job in pending), default=now + idle_s)
+            await _wait_any(stop, self._wake, max(0.0, due - time.time()))
+
+
+async def _wait_any(first: asyncio.Event, second: asyncio.Event, timeout: float) -> None:
+    waiters = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
