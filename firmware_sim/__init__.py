@@ -9,5 +9,6 @@ serves one host connection (see :mod:`firmware_sim.link`). A module may also pro
 
 SIMULATORS: dict[str, str] = {
     "dynamixel": "firmware_sim.dynamixel",
+    "force": "firmware_sim.force",
     "astm-urine": "firmware_sim.astm_urine",
 }

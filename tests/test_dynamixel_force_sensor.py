@@ -1,0 +1,117 @@
+"""The probe load cell: MLC1 line protocol both ends, and the shared probe/patient world."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from drivers.force_sensor import ForceSensor, ForceSensorError, parse_line
+from drivers.serial_link import SerialLink
+from firmware_sim import force as force_sim
+from firmware_sim.dynamixel import DynamixelSim
+from firmware_sim.link import Endpoint, Faults, SimulatorServer
+from firmware_sim.probe_world import ProbeWorld
+
+# docs/force-sensor.md test vector: 12.345 N, sequence 7, no flags
+VECTOR = b"$F,7,12345,00*6C\r\n"
+
+
+def test_line_vector_both_ends() -> None:
+    assert force_sim.line("F,7,12345,00") == VECTOR
+    assert parse_line(VECTOR) == ("F", ["7", "12345", "00"])
+
+
+@pytest.mark.parametrize("bad", [b"F,7,12345,00*09\r\n", b"$F,7,12345,00*0A\r\n", b"$F*\r\n",
+                                 b"$F,7,1*ZZ\r\n", b"\xff\xfe\r\n"])
+def test_bad_lines_are_typed_errors(bad: bytes) -> None:
+    with pytest.raises(ForceSensorError):
+        parse_line(bad)
+
+
+@contextlib.asynccontextmanager
+async def sensor_rig(
+    sim: force_sim.ForceSim, faults: Faults | None = None
+) -> AsyncIterator[ForceSensor]:
+    async with SimulatorServer(sim.serve, Endpoint.parse("pty"), faults) as server, \
+            SerialLink.open(server.address) as link:
+        sensor = ForceSensor(link)
+        reader = asyncio.create_task(sensor.run())
+        try:
+            yield sensor
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ForceSensorError):
+                await reader
+
+
+def constant(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+async def test_identify_tare_rate() -> None:
+    async with sensor_rig(force_sim.ForceSim(constant(2.0), noise_n=0.0)) as sensor:
+        assert await sensor.identify() == ("MLC1", "1.0", 100.0)
+        assert (await sensor.wait_reading(1.0)).force_n == pytest.approx(2.0)
+        assert await sensor.tare() == pytest.approx(2.0)
+        await sensor.set_rate(500)
+        reading = await sensor.wait_reading(1.0)
+        reading = await sensor.wait_reading(1.0)  # the first may predate the tare
+        assert reading.force_n == pytest.approx(0.0) and not reading.faulted
+        with pytest.raises(ForceSensorError, match="BAD_RATE"):
+            await sensor.set_rate(5000)
+
+
+async def test_faults_are_flagged_and_garbage_is_counted() -> None:
+    sim = force_sim.ForceSim(constant(1.0))
+    faults = Faults(corrupt_rate=0.01, seed=3)
+    async with sensor_rig(sim, faults) as sensor:
+        async with asyncio.timeout(5):
+            while sensor.bad_lines == 0:
+                await sensor.wait_reading(1.0)
+        faults.corrupt_rate = 0.0
+        sim.bridge_fault = True
+        async with asyncio.timeout(5):
+            while not (await sensor.wait_reading(1.0)).faulted:
+                pass
+        assert sensor.latest is not None
+        assert sensor.latest.flags & force_sim.FLAG_BRIDGE_FAULT
+
+
+async def test_silent_sensor_is_reported() -> None:
+    faults = Faults()
+    async with sensor_rig(force_sim.ForceSim(constant(0.0)), faults) as sensor:
+        await sensor.wait_reading(1.0)
+        faults.stall()
+        with pytest.raises(ForceSensorError, match="no reading"):
+            await sensor.wait_reading(0.2)
+
+
+def test_world_contact_force_from_servo_angles() -> None:
+    bus = DynamixelSim()
+    world = ProbeWorld(bus.positions)
+    tip, axis = world.tip_and_axis()
+    assert tip == pytest.approx((0.0, 0.0, -0.20)) and axis == pytest.approx((0.0, 0.0, -1.0))
+    assert world.contact_force()[0] == 0.0  # hanging 20 mm above the belly
+    bus.servo(3).position = -1.0  # 30 mm down: 10 mm into the surface
+    axial, vector = world.contact_force()
+    assert axial == pytest.approx(1500 * 0.010)
+    assert vector[2] > 0  # the body pushes back up
+    bus.servo(4).position = 0.3  # tilting the probe reduces the axial share
+    tilted, _ = world.contact_force()
+    assert tilted < axial
+
+
+async def test_force_sim_reads_the_shared_world() -> None:
+    bus = DynamixelSim()
+    world = ProbeWorld(bus.positions)
+    sim = force_sim.ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
+    async with sensor_rig(sim) as sensor:
+        assert (await sensor.wait_reading(1.0)).force_n == 0.0
+        bus.servo(3).position = -1.2  # 16 mm into the surface
+        await sensor.wait_reading(1.0)
+        reading = await sensor.wait_reading(1.0)
+        assert math.isclose(reading.force_n, 1500 * 0.016, abs_tol=0.01)
