@@ -84,6 +84,8 @@ class AstmReceiver:
         self.timers = timers or AstmTimers()
         self.rejected_frames = 0
         self.garbage_bytes = 0
+        self._session_open = False
+        """True when a new session's ENQ was already acknowledged while finishing the last."""
 
     async def receive_message(self) -> bytes:
         """Run sessions until one delivers a complete message; return its text (records + CR).
@@ -91,7 +93,9 @@ class AstmReceiver:
         Raises ``LinkError`` when the link is lost; bad frames and garbage never escape.
         """
         while True:
-            await self._wait_for_enq()
+            if not self._session_open:
+                await self._wait_for_enq()
+            self._session_open = False
             message = await self._receive_session()
             if message:
                 return message
@@ -111,16 +115,20 @@ class AstmReceiver:
         while True:
             try:
                 byte = await self._link.read_exactly(1, timeout=self.timers.frame)
-            except TimeoutError:
-                log.warning("astm_session_timeout", dropped_frames=len(parts))
-                return b""
+            except TimeoutError:  # a lost EOT must not lose a message whose last frame came
+                if not complete:
+                    log.warning("astm_session_timeout", dropped_frames=len(parts))
+                return b"".join(parts) if complete else b""
             if byte == EOT:
                 if parts and not complete:
                     log.warning("astm_session_aborted", dropped_frames=len(parts))
                 return b"".join(parts) if complete else b""
-            if byte == ENQ:  # the sender restarted the session
-                parts, last_number, complete = [], None, False
+            if byte == ENQ:  # a new session: the EOT was lost, or the sender restarted
                 await self._link.write(ACK)
+                if complete:
+                    self._session_open = True
+                    return b"".join(parts)
+                parts, last_number = [], None
                 continue
             if byte != STX:
                 self.garbage_bytes += 1
