@@ -11,4 +11,5 @@ SIMULATORS: dict[str, str] = {
     "dynamixel": "firmware_sim.dynamixel",
     "force": "firmware_sim.force",
     "astm-urine": "firmware_sim.astm_urine",
+    "grbl": "firmware_sim.grbl",
 }
