@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from firmware_sim.link import DeviceLink, Handler
+from firmware_sim.urine_strip import PadResult, random_strip
 
 HELP = "urine strip analyzer sending ASTM E1381/E1394 results (instrument side)"
 
@@ -58,41 +59,9 @@ def device_timestamp(moment: datetime) -> bytes:
     return moment.strftime("%Y%m%d%H%M%S").encode()
 
 
-@dataclass(frozen=True)
-class PadResult:
-    code: str
-    value: str
-    unit: str
-    abnormal: bool
-
-
-def _graded(rng: random.Random, code: str, unit: str, blocks: list[tuple[str, str]],
-            weights: list[int]) -> PadResult:
-    token, concentration = rng.choices(blocks, weights)[0]
-    value = token if not concentration else f"{token}^{concentration}"
-    return PadResult(code, value, unit, token not in ("neg", "norm"))
-
-
-def random_strip(rng: random.Random) -> list[PadResult]:
-    """A plausible strip of a kidney-stone patient: mostly normal, sometimes infected/bloody."""
-    ph = rng.choice([5.0, 5.5, 6.0, 6.0, 6.5, 6.5, 7.0, 7.5, 8.0])
-    sg = rng.choice([1.005, 1.010, 1.010, 1.015, 1.015, 1.020, 1.025, 1.030])
-    return [
-        PadResult("PH", f"{ph:.1f}", "[pH]", not 5.0 <= ph <= 8.0),
-        PadResult("SG", f"{sg:.3f}", "", False),
-        _graded(rng, "LEU", "{Leu}/uL",
-                [("neg", ""), ("trace", "15"), ("1+", "70"), ("2+", "125"), ("3+", "500")],
-                [80, 8, 6, 4, 2]),
-        _graded(rng, "NIT", "", [("neg", ""), ("pos", "")], [92, 8]),
-        _graded(rng, "BLD", "{Ery}/uL",
-                [("neg", ""), ("trace", "10"), ("1+", "25"), ("2+", "80"), ("3+", "200")],
-                [70, 10, 10, 6, 4]),
-        _graded(rng, "PRO", "mg/dL", [("neg", ""), ("trace", "15"), ("1+", "30")], [85, 10, 5]),
-        _graded(rng, "GLU", "mg/dL", [("neg", ""), ("trace", "100")], [97, 3]),
-        _graded(rng, "KET", "mg/dL", [("neg", ""), ("trace", "5"), ("1+", "15")], [90, 7, 3]),
-        _graded(rng, "BIL", "mg/dL", [("neg", ""), ("1+", "1")], [97, 3]),
-        _graded(rng, "UBG", "mg/dL", [("norm", "0.2"), ("1+", "2")], [95, 5]),
-    ]
+def astm_value(pad: PadResult) -> str:
+    """R field 4: the grade, the amount, or both as components (``1+^70``)."""
+    return "^".join(part for part in (pad.grade, pad.amount) if part)
 
 
 def strip_message(
@@ -108,7 +77,7 @@ def strip_message(
     for seq, pad in enumerate(pads, 1):
         flag = b"A" if pad.abnormal else b"N"
         records.append(b"R|%d|^^^%s|%s|%s||%s||F||||%s" % (
-            seq, pad.code.encode(), pad.value.encode(), pad.unit.encode(), flag, stamp))
+            seq, pad.code.encode(), astm_value(pad).encode(), pad.unit.encode(), flag, stamp))
     records.append(b"L|1|N")
     return [record + b"\r" for record in records]
 

@@ -104,7 +104,7 @@ async def test_corrupted_line_delivers_strips_intact_in_order() -> None:
     strips = [astm_urine.random_strip(rng) for _ in range(numbers[-1])]
     for number, measurement in zip(numbers, measurements, strict=True):
         assert measurement.raw is not None
-        sent = [(p.code, p.value) for p in strips[number - 1]]
+        sent = [(p.code, astm_urine.astm_value(p)) for p in strips[number - 1]]
         got = [(r.components(3)[3], r.field(4)) for r in parse_records(measurement.raw)
                if r.type == "R"]
         assert got == sent

@@ -1,0 +1,50 @@
+"""What a simulated urine test strip shows, before any analyzer formats it for its wire.
+
+Shared by the ASTM and printout simulators so both produce the same realistic mix of results
+for a kidney-stone patient (mostly normal, sometimes infected or bloody; clinical-data.md §5).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PadResult:
+    code: str
+    """ASTM-style pad code: PH SG LEU NIT BLD PRO GLU KET BIL UBG."""
+    grade: str
+    """``""`` for pH and SG; else ``neg``, ``norm``, ``trace``, ``1+``…, ``pos``."""
+    amount: str
+    """Concentration as printed (``"6.5"``, ``"1.015"``, ``"70"``), ``""`` when none."""
+    unit: str
+    """UCUM unit of ``amount`` (``""`` for SG and nitrite)."""
+    abnormal: bool
+
+
+def _graded(rng: random.Random, code: str, unit: str, blocks: list[tuple[str, str]],
+            weights: list[int]) -> PadResult:
+    grade, amount = rng.choices(blocks, weights)[0]
+    return PadResult(code, grade, amount, unit, grade not in ("neg", "norm"))
+
+
+def random_strip(rng: random.Random) -> list[PadResult]:
+    ph = rng.choice([5.0, 5.5, 6.0, 6.0, 6.5, 6.5, 7.0, 7.5, 8.0])
+    sg = rng.choice([1.005, 1.010, 1.010, 1.015, 1.015, 1.020, 1.025, 1.030])
+    return [
+        PadResult("PH", "", f"{ph:.1f}", "[pH]", not 5.0 <= ph <= 8.0),
+        PadResult("SG", "", f"{sg:.3f}", "", False),
+        _graded(rng, "LEU", "{Leu}/uL",
+                [("neg", ""), ("trace", "15"), ("1+", "70"), ("2+", "125"), ("3+", "500")],
+                [80, 8, 6, 4, 2]),
+        _graded(rng, "NIT", "", [("neg", ""), ("pos", "")], [92, 8]),
+        _graded(rng, "BLD", "{Ery}/uL",
+                [("neg", ""), ("trace", "10"), ("1+", "25"), ("2+", "80"), ("3+", "200")],
+                [70, 10, 10, 6, 4]),
+        _graded(rng, "PRO", "mg/dL", [("neg", ""), ("trace", "15"), ("1+", "30")], [85, 10, 5]),
+        _graded(rng, "GLU", "mg/dL", [("neg", ""), ("trace", "100")], [97, 3]),
+        _graded(rng, "KET", "mg/dL", [("neg", ""), ("trace", "5"), ("1+", "15")], [90, 7, 3]),
+        _graded(rng, "BIL", "mg/dL", [("neg", ""), ("1+", "1")], [97, 3]),
+        _graded(rng, "UBG", "mg/dL", [("norm", "0.2"), ("1+", "2")], [95, 5]),
+    ]
