@@ -12,4 +12,6 @@ SIMULATORS: dict[str, str] = {
     "force": "firmware_sim.force",
     "astm-urine": "firmware_sim.astm_urine",
     "grbl": "firmware_sim.grbl",
+    "cms50": "firmware_sim.cms50",
+    "modbus-vent": "firmware_sim.modbus_vent",
 }

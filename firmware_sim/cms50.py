@@ -23,6 +23,15 @@ MAX_BURST = 600
 """At most this many samples are sent at once after the host or the machine lagged."""
 
 
+def episode(every: float, length: float, t: float) -> float | None:
+    """Seconds into the current episode of a periodic event (the first one at ``every``), or
+    ``None`` between episodes and when ``every`` is 0 (never)."""
+    if every <= 0 or t < every:
+        return None
+    into = (t - every) % every
+    return into if into < length else None
+
+
 @dataclass
 class Vitals:
     """What the simulated device measures at one instant."""
@@ -50,13 +59,6 @@ class Patient:
     sample: int = 0
     phase: float = 0.0
 
-    def _episode(self, every: float, length: float, t: float) -> float | None:
-        """Seconds into the current episode (first one after ``every`` s), or ``None``."""
-        if every <= 0 or t < every:
-            return None
-        into = (t - every) % every
-        return into if into < length else None
-
     def next(self) -> Vitals:
         t = self.sample / RATE_HZ
         self.sample += 1
@@ -65,12 +67,12 @@ class Patient:
         beat = self.phase >= 1.0
         self.phase %= 1.0
         spo2 = self.spo2 + 0.6 * math.sin(2 * math.pi * t / 33.0)
-        desat = self._episode(self.desaturation_every, self.desaturation_for, t)
+        desat = episode(self.desaturation_every, self.desaturation_for, t)
         if desat is not None:  # fall over a third, hold, recover over a third
             third = self.desaturation_for / 3
             depth = min(desat / third, 1.0, (self.desaturation_for - desat) / third)
             spo2 -= self.desaturation_depth * depth
-        off = self._episode(self.finger_out_every, self.finger_out_for + self.searching_for, t)
+        off = episode(self.finger_out_every, self.finger_out_for + self.searching_for, t)
         finger_out = off is not None and off < self.finger_out_for
         searching = off is not None and not finger_out
         wave = math.exp(-((self.phase - 0.18) / 0.07) ** 2)

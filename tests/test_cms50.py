@@ -123,9 +123,11 @@ async def oximeter(
     sim = simulator or Cms50Simulator(protocol=protocol, every=FAST, patient=Patient(
         finger_out_every=0))
     driver_class = Cms50Legacy if protocol == "legacy" else Cms50V46
-    async with SimulatorServer(sim.handle, Endpoint.parse(where), faults) as server:
-        async with SerialLink.open(server.address, driver_class.settings) as link:
-            yield driver_class(link, **options), sim  # type: ignore[arg-type]
+    async with (
+        SimulatorServer(sim.handle, Endpoint.parse(where), faults) as server,
+        SerialLink.open(server.address, driver_class.settings) as link,
+    ):
+        yield driver_class(link, **options), sim  # type: ignore[arg-type]
 
 
 async def collect(driver: PulseOximeter, count: int) -> list[Measurement]:
