@@ -6,10 +6,11 @@ Two dialects are recognised from the report itself (protocols.md §5):
   line, fixed-width pad lines in the German locale (``NEGATIV``, ``Ca 10 Ery/uL``, ``OBL*``),
   then a two-hex-digit checksum and ``ETX``. The reference calls the checksum a byte sum, but
   only the XOR of the bytes from the ID line through the last CR LF reproduces the published
-  capture's ``4C``, so that is what is checked (inference). A bad checksum is answered with NAK,
-  which makes the analyzer print again; should a report come back byte-identical and still
-  "wrong", the line is fine and the algorithm is not, so it is accepted (and logged) rather than
-  refused for ever.
+  capture's ``4C``, so that is what is checked (inference). A report with a bad checksum, or one
+  that cannot be parsed (XOR misses two flips of the same bit), is answered with NAK, which
+  makes the analyzer print again; should a report come back byte-identical and still fail the
+  checksum, the line is fine and the algorithm is not, so it is accepted (and logged) rather
+  than refused for ever.
 * **McKesson Consult 120** — ``ID:``, ``Date:DD-MM-YYYY HH:MM``, ``Operator:``, ``No.`` lines,
   then ``[*]LABEL [grade] value [unit]`` lines; no checksum.
 
@@ -168,14 +169,11 @@ class PrintoutUrineAnalyzer(MeasurementDevice):
             reprinted = body == self._refused
             try:
                 measurement = parse_report(body, self._clock(), verify_checksum=not reprinted)
-            except PrintoutChecksumError as exc:
-                self._refused = body
+            except PrintoutError as exc:
+                self._refused = body if isinstance(exc, PrintoutChecksumError) else None
                 self.rejected += 1
                 log.warning("printout_report_naked", reason=str(exc))
-                await self._link.write(NAK)
-            except PrintoutError as exc:
-                self.rejected += 1
-                log.warning("printout_report_rejected", reason=str(exc))
+                await self._link.write(NAK)  # a Clinitek prints it again; others ignore it
             else:
                 if reprinted:
                     log.warning("printout_checksum_disagrees_on_identical_reprint")

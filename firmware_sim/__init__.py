@@ -11,6 +11,7 @@ SIMULATORS: dict[str, str] = {
     "dynamixel": "firmware_sim.dynamixel",
     "force": "firmware_sim.force",
     "astm-urine": "firmware_sim.astm_urine",
+    "printout-urine": "firmware_sim.printout_urine",
     "grbl": "firmware_sim.grbl",
     "cms50": "firmware_sim.cms50",
     "modbus-vent": "firmware_sim.modbus_vent",

@@ -1,0 +1,175 @@
+"""Compact urine strip analyzer that sends its printout between STX and ETX.
+
+``--dialect consult120`` (default) prints like a McKesson Consult 120 (ID/Date/Operator/No.
+lines, then ``[*]LABEL [grade] value [unit]``, no checksum, input ignored);
+``--dialect clinitek50`` like a Bayer Clinitek 50 (German labels and words, YYMMDDhhmm date,
+20-column lines, XOR checksum; a NAK from the host makes it print the report again, up to
+3 times, if the NAK comes within ``--nak-window``). Reports produced while no host is
+connected wait in the analyzer's memory.
+Independent of ``drivers/urine_printout.py`` on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+
+from firmware_sim.astm_urine import clock_offset, non_negative, positive
+from firmware_sim.link import DeviceLink, Handler
+from firmware_sim.urine_strip import PadResult, random_strip
+
+HELP = "urine strip analyzer printing its report between STX and ETX (Consult 120, Clinitek 50)"
+
+STX, ETX, NAK = b"\x02", b"\x03", 0x15
+REPRINTS = 3
+
+CONSULT_LABELS = {"PH": "pH", "SG": "SG", "LEU": "LEU", "NIT": "NIT", "BLD": "BLO",
+                  "PRO": "PRO", "GLU": "GLU", "KET": "KET", "BIL": "BIL", "UBG": "URO"}
+CONSULT_ORDER = ["LEU", "NIT", "UBG", "PRO", "PH", "BLD", "SG", "KET", "BIL", "GLU"]
+CONSULT_GRADES = {"neg": "-", "norm": "-", "trace": "+-", "pos": "+"}
+CONSULT_UNITS = {"{Leu}/uL": "Leu/uL", "{Ery}/uL": "Ery/uL", "mg/dL": "mg/dL"}
+
+CLINITEK_LABELS = {"PH": "pH", "SG": "SG", "LEU": "LEU", "NIT": "NIT", "BLD": "OBL",
+                   "PRO": "PRO", "GLU": "GLU", "KET": "KET", "BIL": "BIL", "UBG": "UBG"}
+CLINITEK_ORDER = ["GLU", "BIL", "KET", "SG", "PH", "PRO", "UBG", "NIT", "BLD", "LEU"]
+CLINITEK_COLOURS = ["HELL GELB", "GELB", "DUNKELGELB", "STROHGELB"]
+
+
+def consult120_report(pads: list[PadResult], moment: datetime, number: int) -> bytes:
+    by_code = {pad.code: pad for pad in pads}
+    lines = [f"ID:{number % 100}", f"Date:{moment:%d-%m-%Y %H:%M}", "Operator: 100",
+             f"No. {100000 + number}"]
+    for code in CONSULT_ORDER:
+        pad = by_code[code]
+        star = "*" if pad.abnormal else " "
+        label = CONSULT_LABELS[code]
+        if not pad.grade:  # pH and SG: a bare value
+            lines.append(f"{star}{label:<9}{pad.amount:>9}")
+            continue
+        grade = CONSULT_GRADES.get(pad.grade, pad.grade)
+        shown = pad.amount or ("neg" if grade == "-" else "pos")
+        unit = CONSULT_UNITS.get(pad.unit, "") if pad.amount else ""
+        lines.append(f"{star}{label:<9} {grade:<6}{shown:>10}  {unit}".rstrip())
+    return STX + "".join(f" {line}\r\n" for line in lines).encode() + ETX
+
+
+def clinitek_checksum(data: bytes) -> bytes:
+    total = 0
+    for byte in data:
+        total ^= byte
+    return f"{total:02X}".encode()
+
+
+def _clinitek_value(pad: PadResult) -> str:
+    if pad.code == "SG" and pad.amount == "1.030":
+        return ">=1.030"
+    if not pad.grade:
+        return pad.amount
+    if pad.code == "NIT":
+        return "POSITIV" if pad.grade == "pos" else "NEGATIV"
+    unit = pad.unit.replace("{", "").replace("}", "")
+    if pad.code in ("LEU", "BLD", "UBG"):  # these pads print an amount even when negative
+        amount = pad.amount or "0"
+        approx = "Ca " if pad.code == "BLD" and pad.grade != "neg" else ""
+        return f"{approx}{amount} {unit}"
+    return f"{pad.amount} {unit}" if pad.amount else "NEGATIV"
+
+
+def clinitek50_report(pads: list[PadResult], moment: datetime, number: int, colour: str) -> bytes:
+    """Clinitek 50 layout; the device clock's year is printed with two digits only."""
+    by_code = {pad.code: pad for pad in pads}
+    lines = [f"6510  01.02 {moment:%y%m%d%H%M}", f"{number % 1000:03d} {colour}".ljust(18)]
+    for code in CLINITEK_ORDER:
+        pad = by_code[code]
+        label = CLINITEK_LABELS[code] + ("*" if pad.abnormal else "")
+        lines.append(f"{label:<5}{_clinitek_value(pad)}".ljust(20))
+    text = "".join(line + "\r\n" for line in lines).encode()
+    return STX + b"\r\n" + text + clinitek_checksum(text) + ETX
+
+
+class PrintoutUrineDevice:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.dialect: str = args.dialect
+        self.every: float = args.every
+        self.nak_window: float = args.nak_window
+        self.clock_offset = timedelta(seconds=args.clock_offset)
+        self.rng = random.Random(getattr(args, "seed", None))
+        self.memory: deque[bytes] = deque(maxlen=args.memory)
+        self.reports = 0
+        self._next_report = time.monotonic() + args.first_after
+
+    def device_now(self) -> datetime:
+        return datetime.now(UTC).replace(tzinfo=None) + self.clock_offset
+
+    def _print_due_reports(self) -> None:
+        while time.monotonic() >= self._next_report:
+            self.reports += 1
+            pads = random_strip(self.rng)
+            if self.dialect == "clinitek50":
+                colour = self.rng.choice(CLINITEK_COLOURS)
+                report = clinitek50_report(pads, self.device_now(), self.reports, colour)
+            else:
+                report = consult120_report(pads, self.device_now(), self.reports)
+            self.memory.append(report)
+            self._next_report += self.every
+
+    async def serve(self, link: DeviceLink) -> None:
+        naks = asyncio.Queue[None]()
+        listener = asyncio.create_task(self._listen(link, naks))
+        try:
+            while True:
+                self._print_due_reports()
+                if not self.memory:
+                    await asyncio.sleep(max(self._next_report - time.monotonic(), 0.0))
+                    continue
+                report = self.memory.popleft()
+                await self._send(link, report, naks)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await listener
+
+    async def _listen(self, link: DeviceLink, naks: asyncio.Queue[None]) -> None:
+        while True:
+            if NAK in await link.read() and self.dialect == "clinitek50":
+                naks.put_nowait(None)
+
+    async def _send(self, link: DeviceLink, report: bytes, naks: asyncio.Queue[None]) -> None:
+        """Print ``report``; a Clinitek prints it again when the host NAKs in ``nak_window``."""
+        while not naks.empty():
+            naks.get_nowait()
+        for _ in range(1 + REPRINTS):
+            await link.write(report)
+            if self.dialect != "clinitek50":
+                return
+            try:
+                async with asyncio.timeout(self.nak_window):
+                    await naks.get()
+            except TimeoutError:
+                return
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dialect", choices=("consult120", "clinitek50"), default="consult120",
+                        help="printout layout (default consult120)")
+    parser.add_argument("--every", type=positive, default=300.0, metavar="SECONDS",
+                        help="a strip is read every SECONDS (default 300)")
+    parser.add_argument("--first-after", type=non_negative, default=1.0, metavar="SECONDS",
+                        help="first strip this long after start-up (default 1)")
+    parser.add_argument("--clock-offset", type=clock_offset, default=0.0, metavar="SECONDS",
+                        help="device clock = UTC + SECONDS; may be years off (default 0; the "
+                        "Clinitek prints a 2-digit year, read as 1970-2069)")
+    parser.add_argument("--memory", type=int, default=100, metavar="N",
+                        help="reports kept until a host is connected (default 100)")
+    parser.add_argument("--nak-window", type=non_negative, default=1.0, metavar="SECONDS",
+                        help="clinitek50: a NAK within SECONDS of a report asks for a reprint "
+                        "(default 1)")
+
+
+def create(args: argparse.Namespace) -> Handler:
+    return PrintoutUrineDevice(args).serve
