@@ -16,20 +16,12 @@ import math
 from dataclasses import dataclass, field
 
 from firmware_sim.link import DeviceLink, Handler, HostDisconnected
+from firmware_sim.scenario import episode, non_negative, positive
 
 HELP = "Contec CMS50D+ pulse oximeter (legacy 60 Hz stream or v4.6+ commands)"
 RATE_HZ = 60
 MAX_BURST = 600
 """At most this many samples are sent at once after the host or the machine lagged."""
-
-
-def episode(every: float, length: float, t: float) -> float | None:
-    """Seconds into the current episode of a periodic event (the first one at ``every``), or
-    ``None`` between episodes and when ``every`` is 0 (never)."""
-    if every <= 0 or t < every:
-        return None
-    into = (t - every) % every
-    return into if into < length else None
 
 
 @dataclass
@@ -210,33 +202,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("legacy", "v46"), default="v46",
                         help="legacy: 19200 8O1 continuous 5-byte stream; v46: 115200 8N1, "
                         "streams after the start command (default v46)")
-    parser.add_argument("--every", type=float, default=1 / RATE_HZ, metavar="SECONDS",
+    parser.add_argument("--every", type=positive, default=1 / RATE_HZ, metavar="SECONDS",
                         help="seconds between live packets (default 1/60: the device's 60 Hz)")
-    parser.add_argument("--spo2", type=float, default=96.0, help="baseline SpO2 %% (default 96)")
-    parser.add_argument("--pulse", type=float, default=72.0,
+    parser.add_argument("--spo2", type=positive, default=96.0, help="baseline SpO2 %% (default 96)")
+    parser.add_argument("--pulse", type=positive, default=72.0,
                         help="baseline pulse /min (default 72)")
-    parser.add_argument("--finger-out-every", type=float, default=120.0, metavar="S",
+    parser.add_argument("--finger-out-every", type=non_negative, default=120.0, metavar="S",
                         help="a finger-out episode every S device seconds, 0 = never (default 120)")
-    parser.add_argument("--finger-out-for", type=float, default=4.0, metavar="S",
+    parser.add_argument("--finger-out-for", type=non_negative, default=4.0, metavar="S",
                         help="finger-out episode length (default 4)")
-    parser.add_argument("--searching-for", type=float, default=3.0, metavar="S",
+    parser.add_argument("--searching-for", type=non_negative, default=3.0, metavar="S",
                         help="'searching' after the finger is back (default 3)")
-    parser.add_argument("--desaturation-every", type=float, default=0.0, metavar="S",
+    parser.add_argument("--desaturation-every", type=non_negative, default=0.0, metavar="S",
                         help="a desaturation episode every S device seconds, 0 = never (default 0)")
-    parser.add_argument("--desaturation-depth", type=float, default=8.0, metavar="PCT",
+    parser.add_argument("--desaturation-depth", type=non_negative, default=8.0, metavar="PCT",
                         help="SpO2 points lost at the bottom of an episode (default 8)")
-    parser.add_argument("--desaturation-for", type=float, default=40.0, metavar="S",
+    parser.add_argument("--desaturation-for", type=non_negative, default=40.0, metavar="S",
                         help="desaturation episode length (default 40)")
     parser.add_argument("--device-id", default="SIM0001",
                         help="ID answered to the v46 device-ID query (default SIM0001)")
-    parser.add_argument("--keepalive-timeout", type=float, default=15.0, metavar="S",
+    parser.add_argument("--keepalive-timeout", type=non_negative, default=15.0, metavar="S",
                         help="v46: stop streaming after S seconds without a host command, "
                         "0 = never (default 15)")
 
 
 def create(args: argparse.Namespace) -> Handler:
-    if args.every <= 0:
-        raise ValueError(f"--every must be positive, got {args.every}")
     patient = Patient(
         spo2=args.spo2, pulse=args.pulse, finger_out_every=args.finger_out_every,
         finger_out_for=args.finger_out_for, searching_for=args.searching_for,

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.cms50 import episode
 from firmware_sim.link import DeviceLink, Handler
+from firmware_sim.scenario import episode, non_negative, positive
 
 HELP = "home ventilator / O2 concentrator: Modbus RTU server driven by a TOML register map"
 DEFAULT_MAP = Path(__file__).resolve().parent.parent / "config/ventilators/home-ventilator.toml"
@@ -272,37 +272,51 @@ def request_size(buffer: bytearray) -> int:
     return len(buffer)
 
 
+def unit_address(text: str) -> int:
+    """argparse type: a Modbus unit address a device can have (1..247)."""
+    if not text.isdigit() or not 1 <= int(text) <= 247:
+        raise argparse.ArgumentTypeError(f"{text}: a unit address is 1..247")
+    return int(text)
+
+
+def servable_map(text: str) -> Path:
+    """argparse type: a register map this simulator can fill."""
+    try:
+        ModbusVentSimulator(Path(text))
+    except MapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--map", type=Path, default=DEFAULT_MAP, metavar="TOML",
+    parser.add_argument("--map", type=servable_map, default=DEFAULT_MAP, metavar="TOML",
                         help="register map to serve (default config/ventilators/"
                         "home-ventilator.toml; oxygen-concentrator.toml is the other shipped)")
-    parser.add_argument("--unit", type=int, default=None,
+    parser.add_argument("--unit", type=unit_address, default=None,
                         help="Modbus unit (slave) address (default: the map's, normally 1)")
-    parser.add_argument("--every", type=float, default=0.1, metavar="SECONDS",
+    parser.add_argument("--every", type=positive, default=0.1, metavar="SECONDS",
                         help="how often the device refreshes its live registers (default 0.1)")
-    parser.add_argument("--ipap", type=float, default=15.0, help="cmH2O (default 15)")
-    parser.add_argument("--epap", type=float, default=5.0, help="PEEP, cmH2O (default 5)")
-    parser.add_argument("--rate", type=float, default=16.0, help="breaths/min (default 16)")
-    parser.add_argument("--tidal-volume", type=float, default=450.0, help="mL (default 450)")
-    parser.add_argument("--o2-flow", type=float, default=0.0,
+    parser.add_argument("--ipap", type=positive, default=15.0, help="cmH2O (default 15)")
+    parser.add_argument("--epap", type=non_negative, default=5.0, help="PEEP, cmH2O (default 5)")
+    parser.add_argument("--rate", type=positive, default=16.0, help="breaths/min (default 16)")
+    parser.add_argument("--tidal-volume", type=positive, default=450.0, help="mL (default 450)")
+    parser.add_argument("--o2-flow", type=non_negative, default=0.0,
                         help="O2 bled into the circuit, L/min (default 0)")
-    parser.add_argument("--leak", type=float, default=22.0,
+    parser.add_argument("--leak", type=non_negative, default=22.0,
                         help="intentional leak, L/min (default 22)")
-    parser.add_argument("--disconnect-every", type=float, default=0.0, metavar="S",
+    parser.add_argument("--disconnect-every", type=non_negative, default=0.0, metavar="S",
                         help="a patient disconnection every S seconds, 0 = never (default 0)")
-    parser.add_argument("--disconnect-for", type=float, default=15.0, metavar="S",
+    parser.add_argument("--disconnect-for", type=non_negative, default=15.0, metavar="S",
                         help="disconnection length (default 15)")
-    parser.add_argument("--apnoea-every", type=float, default=0.0, metavar="S",
+    parser.add_argument("--apnoea-every", type=non_negative, default=0.0, metavar="S",
                         help="an apnoea episode every S seconds, 0 = never (default 0)")
-    parser.add_argument("--apnoea-for", type=float, default=25.0, metavar="S",
+    parser.add_argument("--apnoea-for", type=non_negative, default=25.0, metavar="S",
                         help="apnoea length (default 25)")
     parser.add_argument("--alarm", action="append", default=[], metavar="NAME",
                         help="raise this alarm bit permanently (repeatable), e.g. power_failure")
 
 
 def create(args: argparse.Namespace) -> Handler:
-    if args.every <= 0:
-        raise ValueError(f"--every must be positive, got {args.every}")
     model = Respiration(
         o2_flow=args.o2_flow, leak=args.leak, disconnect_every=args.disconnect_every,
         disconnect_for=args.disconnect_for, apnoea_every=args.apnoea_every,
