@@ -16,7 +16,7 @@ import pytest
 
 LEAK_GRACE_S = 2.0
 
-pytest_plugins = ["tests.fixtures.broker"]
+pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.orthanc"]
 
 
 def child_pids() -> set[int]:

@@ -467,10 +467,15 @@ def _file_meta(ds: Dataset, transfer_syntax: UID) -> FileMetaDataset:
     return meta
 
 
+def thumbnail_size(level: PyramidLevel, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(level.width, level.height))
+    return max(1, round(level.width * scale)), max(1, round(level.height * scale))
+
+
 def thumbnail(level: PyramidLevel, max_side: int) -> RgbImage:
     """A downscaled copy of a level, built tile by tile so the level is never held whole."""
     scale = min(1.0, max_side / max(level.width, level.height))
-    out_w, out_h = max(1, round(level.width * scale)), max(1, round(level.height * scale))
+    out_w, out_h = thumbnail_size(level, max_side)
     canvas = np.full((out_h, out_w, 3), 255, dtype=np.uint8)
     columns = math.ceil(level.width / level.tile_size)
     size = level.tile_size
@@ -568,22 +573,21 @@ def write_series(
         write(f"level-{number}", geometry, _checked_tiles(level, f"level {number}"))
 
     label = label_image if label_image is not None else render_label(metadata)
-    max_side = options.overview_max_side
     overview = (
         overview_image if overview_image is not None
-        else thumbnail(_overview_source(levels, max_side), max_side)
+        else thumbnail(_overview_source(levels, options.overview_max_side),
+                       options.overview_max_side)
     )
     overview_spacing_mm = extent_mm[0] / overview.shape[1]
     label_spacing_mm = 0.1
     for kind, image, spacing in (
         ("label", label, label_spacing_mm), ("overview", overview, overview_spacing_mm)
     ):
-        rows, columns = _even(image.shape[0]), _even(image.shape[1])
-        geometry = _ImageGeometry(
-            image.shape[1], image.shape[0], rows, columns, spacing,
-            ("ORIGINAL", "PRIMARY", kind.upper(), "NONE"),
-        )
-        write(kind, geometry, _single_frame(image, rows, columns))
+        frame = _pad_for_single_frame(image, {level.width for level in levels})
+        rows, columns = frame.shape[:2]
+        geometry = _ImageGeometry(columns, rows, rows, columns, spacing,
+                                  ("ORIGINAL", "PRIMARY", kind.upper(), "NONE"))
+        write(kind, geometry, iter([frame]))
     return WrittenSeries(ident.study_uid, ident.series_uid, tuple(written))
 
 
@@ -595,11 +599,16 @@ def _overview_source(levels: Sequence[PyramidLevel], max_side: int) -> PyramidLe
     return levels[0]
 
 
-def _even(value: int) -> int:
-    return value + value % 2
-
-
-def _single_frame(image: RgbImage, rows: int, columns: int) -> Iterator[RgbImage]:
+def _pad_for_single_frame(image: RgbImage, level_widths: set[int]) -> RgbImage:
+    """Pad a LABEL/OVERVIEW picture with white so that its sides are even (the frame is the
+    whole image: OpenSlide wants frame = total pixel matrix, native RGB wants an even length)
+    and its width differs from every level's (Orthanc's WSI plugin 1.1 groups instances into
+    levels by width and fails on a label as wide as a level)."""
+    rows, columns = image.shape[0] + image.shape[0] % 2, image.shape[1] + image.shape[1] % 2
+    while columns in level_widths:
+        columns += 2
+    if (rows, columns) == image.shape[:2]:
+        return image
     frame = np.full((rows, columns, 3), 255, dtype=np.uint8)
     frame[: image.shape[0], : image.shape[1]] = image
-    yield frame
+    return frame
