@@ -300,8 +300,18 @@ class JointServos(abc.ABC):
             raise ValueError(f"non-finite goal in {list(positions_rad)}")
         await self._do_write_goals(positions_rad)
 
+    async def clear_faults(self) -> list[int]:
+        """Clear latched hardware errors (a reboot on Dynamixel); return the ids that had one.
+
+        Torque stays off on those joints: call :meth:`enable` again afterwards.
+        """
+        return await self._do_clear_faults()
+
     @abc.abstractmethod
     async def _do_enable(self, watchdog_s: float) -> None: ...
+
+    @abc.abstractmethod
+    async def _do_clear_faults(self) -> list[int]: ...
 
     @abc.abstractmethod
     async def _do_disable(self) -> None: ...
@@ -360,6 +370,12 @@ class DynamixelChain(JointServos):
 
     async def _do_disable(self) -> None:
         await self._sync_all(XM430.TORQUE_ENABLE, 0)
+
+    async def _do_clear_faults(self) -> list[int]:
+        faulted = [state.servo_id for state in await self.read_states() if state.faulted]
+        for servo_id in faulted:
+            await self.bus.reboot(servo_id)
+        return faulted
 
     async def _do_read_states(self) -> list[ServoState]:
         """One Sync Read of the present-value block; Hardware Error Status only on an alert."""

@@ -340,6 +340,10 @@ class DynamixelSim:
         self.motion_log: collections.deque[MotionSample] = collections.deque(maxlen=log_size)
         self.packets_received = 0
         self.crc_errors = 0
+        self.last_packet_at: float | None = None
+        """Simulation time of the last instruction packet (for watchdog timing checks)."""
+        self.watchdog_trips: list[tuple[int, float]] = []
+        """(servo id, simulation time) of every Bus Watchdog trip."""
         self._now = clock()
 
     def servo(self, servo_id: int) -> SimServo:
@@ -357,7 +361,10 @@ class DynamixelSim:
         while self._now + self.step_s <= now:
             self._now += self.step_s
             for servo in self.servos:
+                tripped = servo.watchdog_tripped
                 servo.step(self.step_s)
+                if servo.watchdog_tripped and not tripped:
+                    self.watchdog_trips.append((servo.servo_id, self._now))
         self.motion_log.append(MotionSample(
             now,
             tuple(s.position for s in self.servos),
@@ -402,6 +409,7 @@ class DynamixelSim:
     def handle(self, packet: Packet) -> list[tuple[bytes, float]]:
         """Execute one instruction packet; return the status packets (with return delays)."""
         self.packets_received += 1
+        self.last_packet_at = self._now
         broadcast = packet.servo_id == _BROADCAST
         if not packet.crc_ok:
             self.crc_errors += 1

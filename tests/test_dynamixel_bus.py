@@ -28,7 +28,7 @@ IDS = [1, 2, 3, 4, 5]
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - simulator state has no events
+        while not condition():
             await asyncio.sleep(0.005)
 
 

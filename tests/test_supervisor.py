@@ -25,6 +25,7 @@ from daemons.manipulator.supervisor import (
 from drivers.force_sensor import FLAG_BRIDGE_FAULT, ForceReading
 
 HOME = (0.0, 0.0, 0.0, 0.0, 0.0)
+HEALTHY = (0, 0, 0, 0, 0)
 PERIOD = 0.01
 FORWARD = Twist((0.02, 0.0, 0.0), (0.0, 0.0, 0.0))
 
@@ -334,7 +335,7 @@ def test_estop_latches_until_reset_and_rearm(source: Reason) -> None:
     assert_smooth(rig.outputs, rig.sup.config)
     assert rig.sup.arm("alice", rig.joints()).reason is source
     assert rig.sup.submit(rig.setpoint()) is Reason.NOT_ARMED
-    assert rig.sup.reset(rig.joints()).granted
+    assert rig.sup.reset(rig.joints(), HEALTHY).granted
     out = rig.drive(5)
     assert out.status.state is ArmState.DISARMED and not out.status.moving
     rig.arm()
@@ -351,9 +352,8 @@ def test_servo_hardware_error_latches_estop_and_blocks_reset_while_present() -> 
     assert out.status.state is ArmState.ESTOP
     assert Reason.ESTOP_SERVO_FAULT in out.status.reasons
     rig.drive(60, faults=(0, 0, 32, 0, 0))
-    assert rig.sup.reset(rig.joints()).reason is Reason.SERVO_FAULT_PRESENT
-    rig.drive(1)  # the fault was cleared (servo rebooted)
-    assert rig.sup.reset(rig.joints()).granted
+    assert rig.sup.reset(rig.joints(), (0, 0, 32, 0, 0)).reason is Reason.SERVO_FAULT_PRESENT
+    assert rig.sup.reset(rig.joints(), HEALTHY).granted  # after the servo's reboot
 
 
 def test_config_is_validated() -> None:

@@ -265,10 +265,14 @@ class Supervisor:
             self.estop_reason = reason
         self.state, self.operator, self._latest = ArmState.ESTOP, None, None
 
-    def reset(self, measured_joints: Sequence[float]) -> Decision:
-        """Clear a latched E-stop (the robot stays disarmed until someone arms it)."""
+    def reset(self, measured_joints: Sequence[float], servo_faults: Sequence[int]) -> Decision:
+        """Clear a latched E-stop (the robot stays disarmed until someone arms it).
+
+        ``servo_faults`` are the servos' hardware error flags as read just now.
+        """
         if self.state is not ArmState.ESTOP:
             return Decision(True, Reason.OK)
+        self._servo_fault = any(servo_faults)
         if self._servo_fault:
             return Decision(False, Reason.SERVO_FAULT_PRESENT)
         if any(abs(r) > 0 for r in self._rates):

@@ -1,0 +1,178 @@
+"""The manipulator's control loop: one Sync Read, the safety supervisor, one Sync Write per cycle.
+
+The loop owns the servos and the :class:`~daemons.manipulator.supervisor.Supervisor`; the
+teleoperation daemon composes it, feeding :meth:`ControlLoop.submit` with setpoints stamped at
+receipt and forwarding arm / disarm / E-stop / reset requests. Every cycle the servos' Bus
+Watchdog is refreshed by the traffic itself, so if this process freezes the servos stop on
+their own after ``watchdog_s`` — the second line of defence behind the supervisor.
+
+Cycles are scheduled on absolute deadlines (no drift) and the lateness of each cycle start is
+kept, so the period jitter can be reported (p50 / p99) on the state topic and in the bench.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from daemons.manipulator.kinematics import HolderKinematics
+from daemons.manipulator.supervisor import (
+    CycleOutput,
+    Decision,
+    Reason,
+    Setpoint,
+    Supervisor,
+    SupervisorConfig,
+)
+from drivers.dynamixel import JointServos, ServoState
+from drivers.dynamixel_protocol import DynamixelError
+from drivers.force_sensor import ForceReading
+
+log = structlog.get_logger(__name__)
+
+CycleListener = Callable[[CycleOutput, Sequence[ServoState]], None]
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    cycles: int
+    overruns: int
+    """Cycles that started a whole period late (skipped deadlines)."""
+    jitter_p50_s: float
+    jitter_p99_s: float
+    jitter_max_s: float
+    cycle_p99_s: float
+    """Time from cycle start to the Sync Write handed to the link."""
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(fraction * 100) - 1]
+
+
+class ControlLoop:
+    """Servos + kinematics + supervisor, stepped every ``config.period_s``."""
+
+    def __init__(
+        self,
+        servos: JointServos,
+        kinematics: HolderKinematics,
+        force_source: Callable[[], ForceReading | None],
+        config: SupervisorConfig | None = None,
+        *,
+        watchdog_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or SupervisorConfig()
+        if watchdog_s and watchdog_s <= 2 * self.config.period_s:
+            raise ValueError(f"watchdog_s {watchdog_s} must exceed two control periods")
+        self.servos = servos
+        self.kinematics = kinematics
+        self.force_source = force_source
+        self.watchdog_s = watchdog_s
+        self.clock = clock
+        self.listeners: list[CycleListener] = []
+        self.last_output: CycleOutput | None = None
+        self.last_states: list[ServoState] = []
+        self._supervisor: Supervisor | None = None
+        self._lateness: collections.deque[float] = collections.deque(maxlen=60_000)
+        self._cycle_times: collections.deque[float] = collections.deque(maxlen=60_000)
+        self._overruns = 0
+
+    @property
+    def supervisor(self) -> Supervisor:
+        if self._supervisor is None:
+            raise RuntimeError("control loop not started")
+        return self._supervisor
+
+    def measured_joints(self) -> tuple[float, ...]:
+        return self.kinematics.servo_to_joints([s.position_rad for s in self.last_states])
+
+    async def start(self) -> None:
+        """Enable the servos (watchdog armed) and start the supervisor from where they stand."""
+        await self.servos.enable(watchdog_s=self.watchdog_s)
+        self.last_states = await self.servos.read_states()
+        self._supervisor = Supervisor(self.kinematics, self.measured_joints(), self.config,
+                                      clock=self.clock)
+
+    async def cycle(self) -> CycleOutput:
+        """Read all states, run the supervisor, write all goals."""
+        started = self.clock()
+        supervisor = self.supervisor
+        try:
+            self.last_states = await self.servos.read_states()
+            faults = [s.hardware_error for s in self.last_states]
+        except DynamixelError as exc:
+            log.error("servo bus failed", error=str(exc))
+            supervisor.estop(Reason.ESTOP_SERVO_LINK)
+            faults = []
+        output = supervisor.step(self.force_source(), faults)
+        try:
+            await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
+        except DynamixelError as exc:
+            log.error("servo bus failed", error=str(exc))
+            supervisor.estop(Reason.ESTOP_SERVO_LINK)
+        self._cycle_times.append(self.clock() - started)
+        self.last_output = output
+        for listener in self.listeners:
+            listener(output, self.last_states)
+        return output
+
+    async def run(self) -> None:
+        """Cycle on absolute deadlines until cancelled."""
+        loop = asyncio.get_running_loop()
+        period = self.config.period_s
+        deadline = loop.time()
+        while True:
+            lateness = loop.time() - deadline
+            self._lateness.append(lateness)
+            if lateness > period:
+                self._overruns += 1
+                deadline += period * int(lateness // period)  # skip, never burst to catch up
+            await self.cycle()
+            deadline += period
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+    def stats(self) -> LoopStats:
+        lateness, cycles = list(self._lateness), list(self._cycle_times)
+        return LoopStats(
+            cycles=len(cycles),
+            overruns=self._overruns,
+            jitter_p50_s=_percentile(lateness, 0.50),
+            jitter_p99_s=_percentile(lateness, 0.99),
+            jitter_max_s=max(lateness, default=0.0),
+            cycle_p99_s=_percentile(cycles, 0.99),
+        )
+
+    # --- requests from the teleoperation daemon -------------------------------------------
+
+    def submit(self, setpoint: Setpoint) -> Reason:
+        return self.supervisor.submit(setpoint)
+
+    def arm(self, operator: str) -> Decision:
+        return self.supervisor.arm(operator, self.measured_joints())
+
+    def disarm(self, operator: str) -> Decision:
+        return self.supervisor.disarm(operator)
+
+    def estop(self, reason: Reason = Reason.ESTOP_COMMAND) -> None:
+        self.supervisor.estop(reason)
+
+    async def reset(self) -> Decision:
+        """Clear an E-stop: reboot servos with a latched hardware error, re-enable, then reset."""
+        if await self.servos.clear_faults():
+            await self.servos.enable(watchdog_s=self.watchdog_s)
+        self.last_states = await self.servos.read_states()
+        faults = [s.hardware_error for s in self.last_states]
+        decision = self.supervisor.reset(self.measured_joints(), faults)
+        log.info("reset", granted=decision.granted, reason=decision.reason.value)
+        return decision

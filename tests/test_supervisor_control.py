@@ -1,0 +1,203 @@
+"""The control loop against the simulated manipulator: servos, load cell and patient surface.
+
+Each safety rule is exercised end to end through the real driver, the real line protocols
+and the simulators' physics; the simulator's motion log is the witness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from daemons.manipulator.control import ControlLoop
+from daemons.manipulator.kinematics import HolderKinematics, Twist
+from daemons.manipulator.supervisor import ArmState, Reason, Setpoint, SupervisorConfig
+from drivers.dynamixel import DynamixelBus, DynamixelChain
+from drivers.force_sensor import ForceSensor
+from drivers.serial_link import SerialLink
+from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
+from firmware_sim.force import ForceSim
+from firmware_sim.link import Endpoint, SimulatorServer
+from firmware_sim.probe_world import ProbeWorld
+
+WATCHDOG_S = 0.1
+
+
+@dataclass
+class Manipulator:
+    sim: DynamixelSim
+    force: ForceSim
+    world: ProbeWorld
+    loop: ControlLoop
+    task: asyncio.Task[None]
+
+    def status_reasons(self) -> frozenset[Reason]:
+        assert self.loop.last_output is not None
+        return self.loop.last_output.status.reasons
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def manipulator(
+    start_z_servo: float = 0.0, config: SupervisorConfig | None = None
+) -> AsyncIterator[Manipulator]:
+    sim = DynamixelSim()
+    for servo in sim.servos:
+        servo.table[9] = 0  # return delay 0, as configured on the real bus
+    sim.servo(3).position = start_z_servo
+    world = ProbeWorld(sim.positions)
+    force = ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
+    async with sim.serving() as bus_server, \
+            SimulatorServer(force.serve, Endpoint("pty")) as force_server, \
+            SerialLink.open(bus_server.address) as bus_link, \
+            SerialLink.open(force_server.address) as force_link:
+        sensor = ForceSensor(force_link)
+        reader = asyncio.create_task(sensor.run())
+        chain = DynamixelChain(DynamixelBus(bus_link, timeout_s=0.1), [1, 2, 3, 4, 5])
+        loop = ControlLoop(chain, HolderKinematics(), lambda: sensor.latest, config,
+                           watchdog_s=WATCHDOG_S)
+        try:
+            await sensor.wait_reading(2.0)
+            await loop.start()
+            task = asyncio.create_task(loop.run())
+            await wait_for(lambda: loop.last_output is not None)
+            yield Manipulator(sim, force, world, loop, task)
+        finally:
+            for pending in (locals().get("task"), reader):
+                if pending is not None:
+                    await cancel(pending)
+
+
+@contextlib.asynccontextmanager
+async def operator(
+    loop: ControlLoop, twist: Twist, name: str = "alice"
+) -> AsyncIterator[Callable[[bool], None]]:
+    """Send enabled setpoints at 100 Hz while inside; the yielded setter flips the dead-man."""
+    enable = [True]
+    seq = itertools.count(1)
+
+    async def send() -> None:
+        while True:
+            now = time.monotonic()
+            loop.submit(Setpoint(name, next(seq), enable[0], now, now, twist))
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(send())
+    try:
+        yield lambda on: enable.__setitem__(0, on)
+    finally:
+        await cancel(task)
+
+
+def settled_after(sim: DynamixelSim, since: float) -> bool:
+    samples = [s for s in sim.motion_log if s.time > since]
+    assert len(samples) > 10, "the observation window must contain simulator samples"
+    return all(s.positions == samples[0].positions and not any(s.velocities) for s in samples)
+
+
+async def test_fresh_setpoints_move_the_robot_and_jitter_is_measured() -> None:
+    async with manipulator() as m:
+        assert m.loop.arm("alice").granted
+        async with operator(m.loop, Twist((0.02, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.005)
+        tip, axis = m.world.tip_and_axis()
+        assert tip[1] == pytest.approx(0, abs=1e-3) and tip[2] == pytest.approx(-0.2, abs=1e-3)
+        assert axis == pytest.approx((0, 0, -1), abs=1e-3)
+        stats = m.loop.stats()
+        assert stats.cycles > 10 and 0 <= stats.jitter_p50_s <= stats.jitter_p99_s
+
+
+async def test_cutting_setpoints_stops_the_robot() -> None:
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.005)
+        # the operator's link is cut here: no release message, just silence
+        await wait_for(lambda: Reason.COMMAND_STALE in m.status_reasons())
+        await wait_for(lambda: not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+        commanded_stop = m.sim.clock()
+        await asyncio.sleep(0.3)  # an observation window, not a wait for luck
+        assert settled_after(m.sim, commanded_stop + 0.05)
+        assert m.loop.last_output is not None
+        assert m.loop.last_output.status.state is ArmState.ARMED  # stopped, not yet lost
+
+
+async def test_deadman_release_stops_and_pressing_again_resumes() -> None:
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0, 0.03, 0), (0, 0, 0))) as set_enable:
+            await wait_for(lambda: m.world.tip_and_axis()[0][1] > 0.003)
+            set_enable(False)
+            await wait_for(lambda: Reason.DEADMAN_RELEASED in m.status_reasons()
+                           and not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+            stopped_y = m.world.tip_and_axis()[0][1]
+            set_enable(True)
+            await wait_for(lambda: m.world.tip_and_axis()[0][1] > stopped_y + 0.003)
+
+
+async def test_force_spike_stops_and_retracts_along_the_probe_axis() -> None:
+    async with manipulator(start_z_servo=-0.6) as m:  # tip 2 mm above the belly
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0, 0, -0.02), (0, 0, 0))):
+            await wait_for(lambda: m.world.contact_force()[0] > 3.0)
+            m.force.spike_n = 30.0  # a sudden push (patient moves): over the 25 N limit
+            await wait_for(lambda: Reason.FORCE_LIMIT in m.status_reasons())
+            spike_z = m.world.tip_and_axis()[0][2]
+            m.force.spike_n = 0.0
+            await wait_for(lambda: not m.loop.last_output.status.moving  # type: ignore[union-attr]
+                           and m.world.tip_and_axis()[0][2] > spike_z + 0.005)
+            assert Reason.FORCE_LIMIT in m.status_reasons()  # held against the operator's push
+        tip, _ = m.world.tip_and_axis()
+        assert tip[2] >= spike_z + m.loop.config.retract_distance_m - 0.002
+        assert m.world.contact_force()[0] < m.loop.config.force_warn_n
+
+
+async def test_servo_overload_latches_estop_until_reset_and_rearm() -> None:
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0, 0.02, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][1] > 0.002)
+            m.sim.servo(2).external_torque_nm = STALL_TORQUE_NM * 1.5
+            await wait_for(lambda: Reason.ESTOP_SERVO_FAULT in m.status_reasons())
+        assert m.sim.servo(2).hardware_error == 1 << HW_OVERLOAD
+        assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_FAULT
+        await wait_for(lambda: not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+        m.sim.servo(2).external_torque_nm = 0.0
+        decision = await m.loop.reset()
+        assert decision.granted
+        assert m.sim.servo(2).hardware_error == 0 and m.sim.servo(2).torque_on
+        await wait_for(lambda: m.loop.last_output.status.state  # type: ignore[union-attr]
+                       is ArmState.DISARMED)
+        assert m.loop.arm("alice").granted
+
+
+async def test_frozen_daemon_is_stopped_by_the_servo_watchdog() -> None:
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.005)
+            await cancel(m.task)  # the daemon freezes mid-motion: no more bus traffic
+            await wait_for(lambda: len(m.sim.watchdog_trips) == 5, timeout=5)
+        silent_since = m.sim.last_packet_at
+        assert silent_since is not None
+        for _servo_id, tripped_at in m.sim.watchdog_trips:
+            assert tripped_at - silent_since <= WATCHDOG_S + 2 * m.sim.step_s
+        await asyncio.sleep(0.1)  # observation window
+        assert settled_after(m.sim, max(t for _, t in m.sim.watchdog_trips))
