@@ -367,6 +367,11 @@ class Outbox:
         """Drop expired records now (the fetch path also drops them)."""
         await self._run(self._drop_expired)
 
+    async def oldest_unacked_seq(self) -> dict[str, int]:
+        """Per stream, the lowest ``seq`` still stored (unsent or unacked); streams absent from
+        the result have everything delivered. Read-only: for "delivered to the clinic" views."""
+        return await self._run(self._oldest_unacked_seq)
+
     def last_seq(self, stream: str) -> int:
         """The newest committed ``seq`` of ``stream`` (0 if none): lets a producer resume."""
         return self._last_seq.get(stream, 0)
@@ -543,6 +548,11 @@ class Outbox:
         ).fetchall()
         return [Record(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10])
                 for r in rows]
+
+    def _oldest_unacked_seq(self) -> dict[str, int]:
+        rows = self._ensure_db().execute(
+            "SELECT stream, MIN(seq) FROM records GROUP BY stream").fetchall()
+        return {stream: seq for stream, seq in rows}
 
     def _drop_expired(self) -> None:
         db = self._ensure_db()

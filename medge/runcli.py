@@ -12,7 +12,9 @@ from medge import config, log
 from medge.exitcodes import EXIT_USAGE
 from medge.service import Service
 
-DAEMONS: dict[str, str] = {}
+DAEMONS: dict[str, str] = {
+    "gateway": "daemons.gateway.daemon",
+}
 """Daemon name -> module providing ``CONFIG`` (a DaemonConfig schema) and
 ``async main(cfg, service)``."""
 

@@ -1,0 +1,214 @@
+"""Device manager: one task per configured device, reconnecting with backoff (hot-plug), and
+stale-data detection (no data for longer than expected → technical alert).
+
+Every driver family exposes ``measurements()`` as an async iterator over a composed
+:class:`~drivers.serial_link.SerialLink`; :data:`DRIVERS` says for each family how to open
+its line and build the driver. A device that is unplugged surfaces as a link error: the runner
+logs the transition once, waits (exponential backoff with jitter, capped) and opens the port
+again, so plugging the device back in is all a patient has to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from drivers.measurement import Measurement
+from drivers.serial_link import SerialLink, SerialSettings
+from medge.config import bounds
+from medge.log import StateLog
+from medge.settings import check_topic_level
+
+DriverName = Literal["cms50", "cms50-legacy", "urine-astm", "urine-printout", "modbus"]
+
+ASTM_SETTINGS = SerialSettings(9600, 8, "N", 1)
+PRINTOUT_SETTINGS = SerialSettings(9600, 8, "N", 1)
+CONTINUOUS_DRIVERS = frozenset({"cms50", "cms50-legacy", "modbus"})
+"""Streaming devices: their routine observations are thinned to ``obs_interval_s``."""
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    name: str
+    """Topic level and the name shown to the patient, e.g. ``oximeter``."""
+    driver: DriverName
+    port: str
+    """A tty path (``/dev/serial/by-id/...``), a pty, or ``socket://HOST:PORT``."""
+    serial: str = ""
+    """The device's serial number when the driver cannot read it (pairing key KIND:SERIAL)."""
+    map: Path | None = None
+    """Register map (TOML) for ``modbus`` devices, e.g. config/ventilators/home-ventilator.toml."""
+    clock_timezone: str = "UTC"
+    """Zone of the device's own clock, for devices that report naive local times."""
+    clock_skew_s: float = field(default=300.0, metadata=bounds(min=1))
+    """Clock error above which observations are tagged ``clock-skew`` and a technical alert
+    is raised (times are still kept and nothing is reordered)."""
+    stale_warn_min: float = field(default=15.0, metadata=bounds(min=0.1))
+    stale_urgent_min: float = field(default=30.0, metadata=bounds(min=0.1))
+    obs_interval_s: float | None = field(default=None, metadata=bounds(min=0))
+    """Publish a streaming device's values at most this often (default 60 s for oximeters
+    and ventilators, every measurement otherwise); alert rules still see every sample."""
+    pleth_every_s: float = field(default=300.0, metadata=bounds(min=0))
+    """Attach a waveform snippet (pleth) at most this often; 0 = never."""
+    reconnect_min_s: float = field(default=1.0, metadata=bounds(min=0.01, max=60))
+    reconnect_max_s: float = field(default=30.0, metadata=bounds(min=0.01, max=3600))
+    window_s: float = field(default=1.0, metadata=bounds(min=0.1, max=60))
+    """Oximeter: seconds of 60 Hz samples summarised into one measurement."""
+
+    def validate(self) -> None:
+        check_topic_level("name", self.name)
+        if not self.port:
+            raise ValueError("port must name a tty, a pty or socket://HOST:PORT")
+        if self.port == "auto":
+            raise ValueError("port = \"auto\" needs device discovery, which this build lacks;"
+                             " give the port (e.g. /dev/serial/by-id/...)")
+        if self.driver == "modbus":
+            if self.map is None:
+                raise ValueError("a modbus device needs map = \"<register map TOML>\"")
+            from drivers.modbus_device import load_map
+
+            load_map(self.map)  # a bad map stops start-up (ConfigError names file and key)
+        if self.stale_urgent_min < self.stale_warn_min:
+            raise ValueError("stale_urgent_min must be at least stale_warn_min")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        try:
+            ZoneInfo(self.clock_timezone)
+        except (ValueError, KeyError):
+            raise ValueError(f"clock_timezone {self.clock_timezone!r} is not an IANA zone")\
+                from None
+
+    @property
+    def publish_interval_s(self) -> float:
+        if self.obs_interval_s is not None:
+            return self.obs_interval_s
+        return 60.0 if self.driver in CONTINUOUS_DRIVERS else 0.0
+
+
+Opened = tuple[SerialSettings, Callable[[SerialLink], AsyncIterator[Measurement]]]
+
+
+def open_driver(cfg: DeviceSection) -> Opened:
+    """Line settings and a factory of the measurement stream for one configured device."""
+    if cfg.driver in ("cms50", "cms50-legacy"):
+        from drivers.cms50 import Cms50Legacy, Cms50V46, PulseOximeter
+
+        oximeter_class: type[PulseOximeter] = Cms50V46 if cfg.driver == "cms50" else Cms50Legacy
+        settings = Cms50V46.settings if cfg.driver == "cms50" else Cms50Legacy.settings
+
+        async def oximetry(link: SerialLink) -> AsyncIterator[Measurement]:
+            oximeter = oximeter_class(link, device_id=cfg.serial, window=cfg.window_s)
+            await oximeter.identify()
+            async for m in oximeter.measurements():
+                yield m
+
+        return settings, oximetry
+    if cfg.driver == "urine-astm":
+        from drivers.astm import AstmUrineAnalyzer
+
+        return ASTM_SETTINGS, lambda link: AstmUrineAnalyzer(link).measurements()
+    if cfg.driver == "urine-printout":
+        from drivers.urine_printout import PrintoutUrineAnalyzer
+
+        return PRINTOUT_SETTINGS, lambda link: PrintoutUrineAnalyzer(link).measurements()
+    from drivers.modbus_device import ModbusDevice, load_map
+
+    assert cfg.map is not None  # validate() guarantees it
+    register_map = load_map(cfg.map)
+    return register_map.device.serial_settings, \
+        lambda link: ModbusDevice(link, register_map, device_id=cfg.serial).measurements()
+
+
+Sink = Callable[["DeviceRunner", Measurement], Awaitable[None]]
+StateSink = Callable[["DeviceRunner", str, str], Awaitable[None]]
+
+
+class DeviceRunner:
+    """Reads one device for ever: open, stream, and on failure back off and reopen."""
+
+    def __init__(self, cfg: DeviceSection, on_measurement: Sink, on_state: StateSink,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.cfg = cfg
+        self.zone = ZoneInfo(cfg.clock_timezone)
+        self._on_measurement = on_measurement
+        self._on_state = on_state
+        self._clock = clock
+        self.connection = "starting"
+        self.last_data_at: datetime | None = None
+        """Gateway time of the last measurement (for stale-data detection)."""
+        self.started_at = clock()
+        self.stale_level: Literal["ok", "warn", "urgent"] = "ok"
+        self.measurements = 0
+        self.serial = cfg.serial
+        self._log = structlog.get_logger().bind(device=cfg.name, driver=cfg.driver)
+        self._state_log = StateLog(self._log, "device")
+
+    async def run(self) -> None:
+        settings, stream = open_driver(self.cfg)
+        delay = self.cfg.reconnect_min_s
+        while True:
+            try:
+                async with SerialLink.open(self.cfg.port, settings) as link:
+                    await self._set_connection("connected", "")
+                    async for m in stream(link):
+                        delay = self.cfg.reconnect_min_s
+                        self.last_data_at = self._clock()
+                        self.measurements += 1
+                        if m.device_id:
+                            self.serial = m.device_id
+                        await self._on_measurement(self, m)
+                    raise ConnectionError("the measurement stream ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any driver failure means: reopen later
+                await self._set_connection("lost", f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    async def _set_connection(self, state: str, reason: str) -> None:
+        previous, self.connection = self.connection, state
+        self._state_log.set(state, level="warning" if state == "lost" else "info",
+                            port=self.cfg.port, reason=reason or None)
+        if previous != state:
+            await self._on_state(self, previous, reason)
+
+    def check_stale(self, now: datetime) -> Literal["ok", "warn", "urgent"] | None:
+        """The new stale level if it changed since the last check, else None."""
+        since = self.last_data_at or self.started_at
+        minutes = (now - since).total_seconds() / 60
+        level: Literal["ok", "warn", "urgent"] = (
+            "urgent" if minutes >= self.cfg.stale_urgent_min
+            else "warn" if minutes >= self.cfg.stale_warn_min else "ok")
+        if level == self.stale_level:
+            return None
+        self.stale_level = level
+        return level
+
+
+class DeviceManager:
+    """Starts a runner per device and stops them all on shutdown."""
+
+    def __init__(self, runners: list[DeviceRunner]) -> None:
+        self.runners = runners
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(r.run(), name=f"device-{r.cfg.name}")
+                       for r in self.runners]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
