@@ -34,6 +34,8 @@ from firmware_sim.link import DeviceLink, Handler, HostDisconnected, SimulatorSe
 HELP = "GRBL 1.1h motion controller driving an XYZ microscope stage (with backlash)"
 
 SOFT_RESET, JOG_CANCEL = 0x18, 0x85
+OVERFLOWED = "\x00"
+"""Marks a line that overflowed the line buffer (no real line can contain NUL)."""
 
 
 class SerialLoop:
@@ -43,12 +45,13 @@ class SerialLoop:
         self.machine = machine
         self.link = link
         self.rx = bytearray()
-        self._rx_ready = asyncio.Event()
         self._outbox = bytearray()
         self._out_ready = asyncio.Event()
         self._line = bytearray()
         self._overflow = False
         self._comment: str | None = None
+        self._blocked: tuple[str, Busy, int] | None = None
+        self._unblock = asyncio.Event()
 
     async def run(self) -> None:
         self.machine.attach(self._send)
@@ -94,6 +97,7 @@ class SerialLoop:
             self._line.clear()
             self._overflow = False
             self._comment = None
+            self._blocked = None
         elif byte == ord("?"):
             report = machine.status_report(RX_BUFFER_SIZE - len(self.rx))
             if report is not None:
@@ -111,31 +115,58 @@ class SerialLoop:
         else:
             self.rx.append(byte)
             machine.max_rx_used = max(machine.max_rx_used, len(self.rx))
-            self._rx_ready.set()
+            self._pump()
 
     # -- main loop: line assembly and execution --------------------------------------------
 
-    async def _main_loop(self) -> None:
-        while True:
-            while not self.rx or self.machine.critical:
-                self._rx_ready.clear()
-                self.machine.changed.clear()
-                waits = [asyncio.ensure_future(self._rx_ready.wait()),
-                         asyncio.ensure_future(self.machine.changed.wait())]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for wait in waits:
-                        wait.cancel()
+    def _pump(self) -> None:
+        """Run buffered lines until one has to wait. GRBL's main loop drains the RX buffer far
+        faster than 115200 baud fills it, so bytes only pile up while a line waits."""
+        while self._blocked is None and self.rx and not self.machine.critical:
             line = self._assemble(self.rx.pop(0))
-            if line is not None:
-                await self._execute(line)
+            if line is None:
+                continue
+            if line == OVERFLOWED:
+                self._send("error:11")
+                continue
+            result = self.machine.execute_line(line)
+            if isinstance(result, Busy):
+                self._blocked = (line, result, self.machine.resets)
+                self._unblock.set()
+            else:
+                for reply in result:
+                    self._send(reply)
+
+    async def _main_loop(self) -> None:
+        """Finish the line that waits (planner full, homing), then drain the RX buffer."""
+        machine = self.machine
+        while True:
+            await self._unblock.wait()
+            self._unblock.clear()
+            while self._blocked is not None:
+                line, busy, generation = self._blocked
+                await self._wait_for_machine()
+                if machine.resets != generation:
+                    break  # a reset discarded the line (and cleared _blocked)
+                if busy is Busy.HOMING:
+                    if not machine.homing_finished():
+                        continue
+                    replies = ["ok"]
+                else:
+                    result = machine.execute_line(line)
+                    if isinstance(result, Busy):
+                        continue
+                    replies = result
+                self._blocked = None
+                for reply in replies:
+                    self._send(reply)
+            self._pump()
 
     def _assemble(self, byte: int) -> str | None:
         """Feed one byte to the line assembler (protocol.c); return a finished line."""
         char = chr(byte)
         if char in "\r\n":
-            line = "\x00" if self._overflow else self._line.decode("ascii")
+            line = OVERFLOWED if self._overflow else self._line.decode("ascii")
             self._line.clear()
             self._overflow = False
             self._comment = None
@@ -153,28 +184,8 @@ class SerialLoop:
             self._line.append(ord(char.upper()))
         return None
 
-    async def _execute(self, line: str) -> None:
-        if line == "\x00":
-            self._send("error:11")
-            return
-        machine = self.machine
-        generation = machine.resets
-        result = machine.execute_line(line)
-        while result is Busy.PLANNER_FULL:
-            await self._wait_for_machine()
-            if machine.resets != generation:
-                return  # a reset discarded this line: no reply
-            result = machine.execute_line(line)
-        if result is Busy.HOMING:
-            while not machine.homing_finished():
-                await self._wait_for_machine()
-                if machine.resets != generation:
-                    return
-            result = ["ok"]
-        for reply in result:
-            self._send(reply)
-
     async def _wait_for_machine(self) -> None:
+        """Wait for a real-time event or the next block/homing end, whichever comes first."""
         self.machine.changed.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.machine.seconds_until_event()):

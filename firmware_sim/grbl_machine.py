@@ -145,7 +145,7 @@ class GrblMachine:
         """Physical position minus carriage-in-motor-frame: steps lost, or a re-zeroed counter."""
         self.g54: list[float] = [0.0, 0.0, 0.0]
         """The G54 work offset (kept in EEPROM: survives resets and power cycles)."""
-        self.state = "Idle"
+        self._state = "Idle"
         self._power_up()
 
     # -- time and output -------------------------------------------------------------------
@@ -177,13 +177,13 @@ class GrblMachine:
         self.feed_mm_min = 0.0
         self.wco_counter = 0
         self.ovr_counter = 0
-        self.state = "Alarm" if self._homing_enabled() else "Idle"
+        self._state = "Alarm" if self._homing_enabled() else "Idle"
 
     def boot(self) -> None:
         """Print what GRBL prints at power-up (the serial loop calls this per connection)."""
         self._emit("")
         self._emit(BANNER)
-        if self.state == "Alarm":
+        if self._state == "Alarm":
             self._emit(MSG_UNLOCK_HINT)
 
     def power_cycle(self) -> None:
@@ -217,7 +217,7 @@ class GrblMachine:
             alarm = 3
             self._halt_losing_steps()
         self.resets += 1
-        keep_alarm = self.state == "Alarm" or alarm is not None
+        keep_alarm = self._state == "Alarm" or alarm is not None
         self.queue.clear()
         self.current = None
         self.homing_end = None
@@ -229,7 +229,7 @@ class GrblMachine:
         self.wco_counter = self.ovr_counter = 0
         if alarm is not None:
             self._emit(f"ALARM:{alarm}")
-        self.state = "Alarm" if keep_alarm else "Idle"
+        self._state = "Alarm" if keep_alarm else "Idle"
         self.boot()
         self.changed.set()
 
@@ -283,6 +283,12 @@ class GrblMachine:
         return (p[0] * 1000, p[1] * 1000, p[2] * 1000)
 
     @property
+    def state(self) -> str:
+        """GRBL's machine state now (``Idle``, ``Run``, ``Hold``, ``Jog``, ``Alarm``, ``Home``)."""
+        self.advance()
+        return self._state
+
+    @property
     def is_moving(self) -> bool:
         self.advance()
         return self.current is not None or self.homing_end is not None
@@ -308,22 +314,22 @@ class GrblMachine:
             self.motor = list(block.end)
             self.carriage = list(self._carriage_during(block, block.end))
             self.current = None
-            if self.state == "Hold":
+            if self._state == "Hold":
                 if self.hold_cancels_jog:
                     self._flush_planner()
-                    self.state = "Idle"
+                    self._state = "Idle"
                 return
             if self.queue:
                 self._start_next(end_time)
             else:
-                self.state = "Idle"
+                self._state = "Idle"
 
     def _start_next(self, at: float) -> None:
         block = self.queue.popleft()
         block.start_time = at
         block.carriage_at_start = (self.carriage[0], self.carriage[1], self.carriage[2])
         self.current = block
-        self.state = "Jog" if block.jog else "Run"
+        self._state = "Jog" if block.jog else "Run"
 
     def _flush_planner(self) -> None:
         self.queue.clear()
@@ -380,35 +386,35 @@ class GrblMachine:
     def feed_hold(self) -> None:
         """Real-time ``!``: Run decelerates to Hold:0; Jog is cancelled; Idle becomes Hold:0."""
         self.advance()
-        if self.state == "Run":
+        if self._state == "Run":
             self._decelerate()
-            self.state = "Hold"
+            self._state = "Hold"
             self.hold_pending_resume = True
-        elif self.state == "Jog":
+        elif self._state == "Jog":
             self.jog_cancel()
-        elif self.state == "Idle":
-            self.state = "Hold"
+        elif self._state == "Idle":
+            self._state = "Hold"
         self.changed.set()
 
     def cycle_start(self) -> None:
         """Real-time ``~``: resume after a completed hold."""
         self.advance()
-        if self.state != "Hold" or self.current is not None:
+        if self._state != "Hold" or self.current is not None:
             return
         self.hold_pending_resume = False
         if self.queue:
             self._start_next(self.now())
         else:
-            self.state = "Idle"
+            self._state = "Idle"
         self.changed.set()
 
     def jog_cancel(self) -> None:
         """Real-time 0x85: brake and drop every queued jog."""
         self.advance()
-        if self.state != "Jog":
+        if self._state != "Jog":
             return
         self._decelerate()
-        self.state = "Hold"
+        self._state = "Hold"
         self.hold_cancels_jog = True
         self.changed.set()
 
@@ -417,8 +423,8 @@ class GrblMachine:
         self.advance()
         if self.homing_end is not None or self.critical:
             return None
-        busy = self.state in ("Run", "Jog", "Hold", "Home")
-        state = self.state
+        busy = self._state in ("Run", "Jog", "Hold", "Home")
+        state = self._state
         if state == "Hold":
             state = "Hold:1" if self.current is not None else "Hold:0"
         mpos = self.motor_position_mm()
@@ -460,7 +466,7 @@ class GrblMachine:
             return ["ok"]
         if line.startswith("$"):
             return self._system_command(line)
-        if self.state in ("Alarm", "Jog"):
+        if self._state in ("Alarm", "Jog"):
             return ["error:9"]
         return self._gcode(line, jog=False)
 
@@ -472,7 +478,7 @@ class GrblMachine:
         return bool(self.settings[22])
 
     def _idle_or_alarm(self) -> bool:
-        return self.state in ("Idle", "Alarm")
+        return self._state in ("Idle", "Alarm")
 
     def _system_command(self, line: str) -> list[str] | Busy:
         if line == "$":
@@ -480,12 +486,12 @@ class GrblMachine:
         if line == "$G":
             return [self._gcode_modes(), "ok"]
         if line == "$X":
-            if self.state == "Alarm":
-                self.state = "Idle"
+            if self._state == "Alarm":
+                self._state = "Idle"
                 return [MSG_UNLOCKED, "ok"]
             return ["ok"]
         if line.startswith("$J="):
-            if self.state not in ("Idle", "Jog"):
+            if self._state not in ("Idle", "Jog"):
                 return ["error:8"]
             return self._gcode(line[3:], jog=True)
         if not self._idle_or_alarm():
@@ -548,7 +554,7 @@ class GrblMachine:
             switch = [self._switch_mm(i) for i in cycle]
             seek_distance = max(abs(s - physical[i]) for s, i in zip(switch, cycle, strict=True))
             duration += seek_distance / seek + 2 * pulloff / feed + pulloff / seek
-        self.state = "Home"
+        self._state = "Home"
         self.homing_end = self.now() + duration
         return Busy.HOMING
 
@@ -565,7 +571,7 @@ class GrblMachine:
             self.lost_mm[i] = 0.0
         self.planned = list(self.motor)
         self.homing_end = None
-        self.state = "Idle"
+        self._state = "Idle"
         self.changed.set()
 
     def _gcode(self, text: str, *, jog: bool) -> list[str] | Busy:
@@ -670,7 +676,7 @@ class GrblMachine:
             self.motor = [self._quantize(i, m) for i, m in enumerate(here)]
         self.current = None
         self._flush_planner()
-        self.state = "Alarm"
+        self._state = "Alarm"
         self.critical = True
         self._emit("ALARM:2")
         self._emit(MSG_RESET_TO_CONTINUE)
@@ -687,5 +693,5 @@ class GrblMachine:
         profile = plan_profile(length, v_max, axis_limited(unit, accels))
         self.queue.append(Block(start, target, unit, profile, jog))
         self.planned = list(target)
-        if self.current is None and self.state in ("Idle", "Run", "Jog"):
+        if self.current is None and self._state in ("Idle", "Run", "Jog"):
             self._start_next(self.now())
