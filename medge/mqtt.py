@@ -37,6 +37,9 @@ from medge.topics import Topics
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 
+STABLE_AFTER_S = 10.0
+"""A connection that lasted this long resets the reconnect backoff."""
+
 
 class LinkDown(ConnectionError):
     """The broker is not reachable right now; the caller keeps the data and retries."""
@@ -246,10 +249,11 @@ class MqttLink:
         attempt = 0
         while not self._closing:
             client = self._make_client()
+            connected_at: float | None = None
             try:
                 async with client:
                     self._client = client
-                    attempt = 0
+                    connected_at = time.monotonic()
                     await self._established(client)
                     async for message in client.messages:
                         await self._dispatch(message)
@@ -265,15 +269,22 @@ class MqttLink:
                         callback()
             if self._closing:
                 break
-            attempt += 1
+            # Back off afresh only after a stable connection, so a broker that accepts and then
+            # drops us (e.g. mosquitto 2.0 disconnects after an ACL-denied QoS 1 publish) does
+            # not turn into a tight reconnect loop.
+            stable = connected_at is not None and time.monotonic() - connected_at > STABLE_AFTER_S
+            attempt = 1 if stable else attempt + 1
             ceiling = min(self.cfg.reconnect_max, self.cfg.reconnect_min * 2 ** min(attempt, 16))
             await asyncio.sleep(random.uniform(self.cfg.reconnect_min, ceiling))
 
     async def _established(self, client: _Client) -> None:
         for subscription in self._subscriptions:
             await client.subscribe(subscription.topic_filter, subscription.qos)
-        await client.publish_checked(self.status_topic, status_payload("online"), 1, True, None,
-                                     self.publish_timeout)
+        try:
+            await client.publish_checked(self.status_topic, status_payload("online"), 1, True,
+                                         None, self.publish_timeout)
+        except PublishRefused as exc:
+            self._log.error("birth message refused; check the broker ACL", error=str(exc))
         self.connections += 1
         self.last_error = None
         self._state.set("connected" if self.connections == 1 else "recovered")

@@ -32,8 +32,11 @@ class Collector:
     """Subscribes with a persistent session so nothing is missed across broker restarts."""
 
     port: int
+    hostname: str = "127.0.0.1"
     topic_filter: str = "medge/v1/#"
     identifier: str = "hospital-ingest"
+    client_options: dict[str, Any] = field(default_factory=dict)
+    """Extra aiomqtt.Client arguments (TLS context, username, password)."""
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -57,10 +60,11 @@ class Collector:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=self.identifier,
+                    self.hostname, self.port, identifier=self.identifier,
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
                     properties=connect_properties,
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                    **self.client_options,
                 ) as client:
                     await client.subscribe(self.topic_filter, qos=1)
                     self.subscribed.set()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from medge.runtime import Runtime  # noqa: E402
-from tests.helpers import daemon_config  # noqa: E402
+from medge.runtime import Runtime
+from tests.helpers import daemon_config
 
 
 async def main(state_dir: Path, port: int, total: int, linger: bool) -> None:
@@ -25,12 +25,12 @@ async def main(state_dir: Path, port: int, total: int, linger: bool) -> None:
         for n in range(start, total):
             pending.add(asyncio.create_task(rt.emit("meter", "obs", {"n": n})))
             if len(pending) >= 50:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if n % 500 == 0:
                 await asyncio.sleep(0.05)  # a steady stream, not one burst
         await asyncio.gather(*pending)
-        while linger:
-            await asyncio.sleep(3600)
+        if linger:
+            await asyncio.Event().wait()  # until killed
 
 
 if __name__ == "__main__":

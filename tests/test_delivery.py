@@ -44,7 +44,7 @@ async def test_birth_and_death_status_is_retained(broker: Mosquitto, tmp_path: P
     async with Collector(broker.port, topic_filter="+/+/+/+/gateway/status") as hospital:
         async with Runtime(cfg, "gateway") as rt:
             await rt.link.wait_connected(10)
-            await hospital.wait_for(lambda: any(m["state"] == "online" for _, m in hospital.messages))
+            await hospital.wait_for(lambda: _has_state(hospital, "online"))
         await hospital.wait_for(lambda: hospital.messages[-1][1]["state"] == "offline")
     async with Collector(broker.port, topic_filter="+/+/+/+/gateway/status",
                          identifier="late-joiner") as late:
@@ -61,7 +61,7 @@ async def test_will_published_when_daemon_dies(broker: Mosquitto, tmp_path: Path
         try:
             assert proc.stdout is not None
             await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)  # "ready"
-            await hospital.wait_for(lambda: any(m["state"] == "online" for _, m in hospital.messages))
+            await hospital.wait_for(lambda: _has_state(hospital, "online"))
             proc.kill()
         finally:
             proc.wait()
@@ -86,6 +86,10 @@ async def test_records_made_offline_are_delivered_later_flagged_historical(
         envelope = received[record.msg_id]
         assert envelope["historical"] is True
         assert envelope["created_at"].startswith("2023-11-14T22:13:2")  # original time kept
+
+
+def _has_state(hospital: Collector, state: str) -> bool:
+    return any(m["state"] == state for _, m in hospital.messages)
 
 
 async def _until(predicate: object) -> None:
