@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "medge.configcli",
     "medge.runcli",
     "medge.simcli",
+    "medge.gatewaycli",
     "medge.wsicli",
 ]
 

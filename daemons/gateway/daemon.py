@@ -116,6 +116,7 @@ class Gateway:
                 await task
         if self.page is not None:
             await self.page.close()
+        self.board.stopped = True
         await self._write_status()
 
     # -- data path ---------------------------------------------------------------------

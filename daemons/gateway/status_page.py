@@ -68,6 +68,8 @@ class StatusBoard:
         self.paired: bool = False
         self.clinic_link = False
         self.http_url: str | None = None
+        self.stopped = False
+        """Set on a clean shutdown, so the CLI can tell "stopped" from "crashed/hung"."""
         self._clock = clock
 
     def add(self, name: str, driver: str) -> DeviceStatus:
@@ -95,7 +97,7 @@ class StatusBoard:
     def snapshot(self) -> dict[str, Any]:
         return {"node": self.node, "updated_at": _iso(self._clock()), "paired": self.paired,
                 "clinic_link": "connected" if self.clinic_link else "offline (data kept)",
-                "http": self.http_url,
+                "http": self.http_url, "stopped": self.stopped,
                 "devices": [d.as_dict() for d in self.devices.values()]}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
