@@ -12,6 +12,7 @@ SIMULATORS: dict[str, str] = {
     "force": "firmware_sim.force",
     "astm-urine": "firmware_sim.astm_urine",
     "printout-urine": "firmware_sim.printout_urine",
+    "uroflow": "firmware_sim.uroflow",
     "grbl": "firmware_sim.grbl",
     "cms50": "firmware_sim.cms50",
     "modbus-vent": "firmware_sim.modbus_vent",
