@@ -143,6 +143,10 @@ class DeviceSpec:
     poll_interval: float = field(default=1.0, metadata=bounds(min=0.01))
     response_timeout: float = field(default=0.5, metadata=bounds(min=0.01, max=30))
     retries: int = field(default=2, metadata=bounds(min=0, max=10))
+    identity_address: int | None = field(default=None, metadata=bounds(min=0, max=65535))
+    """Holding register with a model code; when set, the discovery probe checks it, since
+    Modbus itself cannot tell two devices that both answer at the same addresses apart."""
+    identity_value: int = field(default=0, metadata=bounds(min=0, max=65535))
     max_gap: int = field(default=0, metadata=bounds(min=0, max=32))
     """Unmapped registers one read may span; 0 (only contiguous reads) suits devices that
     reject addresses they do not define, more saves requests on devices that tolerate holes."""
@@ -392,14 +396,17 @@ class ModbusDevice:
 
 
 async def probe(url: str, register_map: RegisterMap, answer_within: float = 1.0) -> str | None:
-    """Read the map's first block: an answer (even an exception) means a Modbus unit is there,
-    a matching answer means it is this model. Returns the model name or ``None``."""
-    table, address, count = register_map.blocks()[0]
+    """Is this model on ``url``? Checks the identity register when the map names one, else
+    reads every block of the map. Returns the model name or ``None``."""
+    spec = register_map.device
     try:
-        async with SerialLink.open(url, register_map.device.serial_settings) as link:
-            client = ModbusRtuClient(link, register_map.device.unit,
-                                     response_timeout=answer_within, retries=0)
-            await client.read_registers(table, address, count)
+        async with SerialLink.open(url, spec.serial_settings) as link:
+            client = ModbusRtuClient(link, spec.unit, response_timeout=answer_within, retries=0)
+            if spec.identity_address is not None:
+                (code,) = await client.read_registers("holding", spec.identity_address, 1)
+                return spec.model if code == spec.identity_value else None
+            for table, address, count in register_map.blocks():
+                await client.read_registers(table, address, count)
     except (ModbusError, LinkError):
         return None
-    return register_map.device.model
+    return spec.model

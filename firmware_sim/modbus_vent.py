@@ -160,6 +160,8 @@ class ModbusVentSimulator:
         if unknown:
             raise MapError(f"{map_path}: quantities not simulated: {', '.join(unknown)}")
         self.holding: dict[int, int] = {}
+        if "identity_address" in device:
+            self.holding[int(device["identity_address"])] = int(device.get("identity_value", 0))
         for slot in self.slots:
             if slot.table == "holding":
                 self._store(self.holding, slot, self.model.settings.get(slot.quantity, 0.0))
