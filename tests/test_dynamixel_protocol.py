@@ -7,9 +7,12 @@ the instruction bytes and answer with exactly the status bytes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers import dynamixel_protocol as proto
 from drivers.dynamixel import ticks_to_rad
@@ -181,3 +184,44 @@ def test_simulator_answers_crc_error_and_ignores_garbled_broadcast() -> None:
 def test_unit_conversions() -> None:
     assert ticks_to_rad(2048) == 0.0
     assert math.isclose(ticks_to_rad(4096), math.pi)
+
+
+# --- bad input of every kind --------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_driver_decoder_raises_only_typed_errors(data: bytes) -> None:
+    with contextlib.suppress(proto.PacketError):
+        proto.decode_status(proto.HEADER + data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 0xFE), st.integers(0, 0xFF), st.binary(max_size=40))
+def test_simulator_survives_any_instruction(servo_id: int, instruction: int, params: bytes) -> None:
+    bus = golden_bus()
+    packet = proto.encode_instruction(servo_id if servo_id <= 0xFC else 0xFE, instruction, params)
+    for reply in replies(bus, packet):
+        status = proto.decode_status(reply)  # every answer is a well-formed status packet
+        assert status.servo_id in (1, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_simulator_parser_skips_noise(noise: bytes) -> None:
+    reader = sim.PacketReader()
+    reader.feed(noise)
+    reader.buffer.clear()  # whatever the noise left half-parsed, a fresh packet still parses
+    assert [p.instruction for p in reader.feed(PING)] == [0x01]
+
+
+def test_simulator_reports_malformed_requests() -> None:
+    bus = golden_bus()
+    short_read = proto.encode_instruction(1, Instruction.READ, b"\x84\x00")
+    beyond_table = proto.encode_instruction(1, Instruction.READ, proto.read_params(250, 10))
+    unknown = proto.encode_instruction(1, 0x7F)
+    for packet, code in ((short_read, StatusErrorCode.DATA_LENGTH_ERROR),
+                         (beyond_table, StatusErrorCode.DATA_LENGTH_ERROR),
+                         (unknown, StatusErrorCode.INSTRUCTION_ERROR)):
+        (reply,) = replies(bus, packet)
+        assert proto.decode_status(reply).code is code
