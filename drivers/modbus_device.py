@@ -243,6 +243,12 @@ def to_reading(spec: RegisterSpec, words: Sequence[int], word_order: str) -> Rea
 # -- RTU client ------------------------------------------------------------------------------
 
 
+def frame_gap(baudrate: int) -> float:
+    """t3.5 in seconds: 3.5 characters of 11 bits up to 19200 bit/s, a fixed 1.75 ms above
+    (Modbus serial-line guide; protocols.md §10.3)."""
+    return 0.00175 if baudrate > 19200 else 35.0 / baudrate
+
+
 class ModbusRtuClient:
     """Request/response over a composed :class:`SerialLink` using pymodbus' RTU codec."""
 
@@ -256,6 +262,8 @@ class ModbusRtuClient:
         self._framer = FramerRTU(DecodePDU(is_server=False))
         self.garbage_bytes = 0
         """Bytes discarded while hunting for a valid response (link-quality figure)."""
+        self.frame_gap = frame_gap(link.settings.baudrate)
+        self._quiet_from = 0.0
 
     async def read_registers(self, table: Table, address: int, count: int) -> list[int]:
         request_class = (
@@ -291,6 +299,8 @@ class ModbusRtuClient:
             raise ModbusError(f"{self._where()}: {what}: {exc}") from exc
         failure: ModbusError | None = None
         for _ in range(self.retries + 1):
+            # The line must be silent for t3.5 between frames, or the device merges them.
+            await asyncio.sleep(max(0.0, self._quiet_from + self.frame_gap - time.monotonic()))
             self.link.discard_input()  # a late answer to an earlier try must not match this one
             await self.link.write(frame)
             try:
@@ -298,6 +308,8 @@ class ModbusRtuClient:
             except (ModbusTimeout, ModbusFrameError) as exc:
                 failure = exc
                 continue
+            finally:
+                self._quiet_from = time.monotonic()
             if isinstance(response, ExceptionResponse):
                 raise ModbusDeviceException(f"{self._where()}: {what}", response.exception_code)
             return response

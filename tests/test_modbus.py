@@ -27,6 +27,7 @@ from drivers.modbus_device import (
     RegisterSpec,
     decode_value,
     encode_value,
+    frame_gap,
     load_map,
     probe,
 )
@@ -154,6 +155,12 @@ def test_encode_values_for_writing() -> None:
     assert encode_value(spec("float32"), 1.5, "little") == [0x0000, 0x3FC0]
     with pytest.raises(ValueError, match="does not fit a uint16"):
         encode_value(spec("uint16", 0.1), 7000.0, "big")
+
+
+def test_frame_gap_follows_the_serial_line_guide() -> None:
+    assert frame_gap(9600) == pytest.approx(0.003646, abs=1e-6)
+    assert frame_gap(19200) == pytest.approx(0.001823, abs=1e-6)
+    assert frame_gap(38400) == frame_gap(115200) == 0.00175
 
 
 def test_blocks_merge_contiguous_registers_and_respect_gaps() -> None:
