@@ -114,8 +114,9 @@ class UroflowScaleDevice:
         self.voids = [v for v in self.voids if v.start_s > self.t - self.every] + [void]
         self.knocks = [k for k in self.knocks if k.at_s > self.t - self.every]
         if self.rng.random() < self.knock_rate:
-            self.knocks.append(Knock(self.rng.uniform(void.start_s - 2, void.end_s),
-                                     self.rng.uniform(0.1, 0.3), self.rng.uniform(150, 600)))
+            during = self.rng.uniform(void.start_s, void.start_s + 2.5 * void.peak_s)
+            self.knocks.append(
+                Knock(during, self.rng.uniform(0.1, 0.3), self.rng.uniform(150, 600)))
         self._next_void_s += self.every
 
     def weight(self) -> float:
