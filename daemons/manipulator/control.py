@@ -47,8 +47,10 @@ class LoopStats:
     jitter_p50_s: float
     jitter_p99_s: float
     jitter_max_s: float
-    cycle_p99_s: float
+    cycle_p50_s: float
     """Time from cycle start to the Sync Write handed to the link."""
+    cycle_p99_s: float
+    cycle_max_s: float
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float:
@@ -150,7 +152,9 @@ class ControlLoop:
             jitter_p50_s=_percentile(lateness, 0.50),
             jitter_p99_s=_percentile(lateness, 0.99),
             jitter_max_s=max(lateness, default=0.0),
+            cycle_p50_s=_percentile(cycles, 0.50),
             cycle_p99_s=_percentile(cycles, 0.99),
+            cycle_max_s=max(cycles, default=0.0),
         )
 
     # --- requests from the teleoperation daemon -------------------------------------------
