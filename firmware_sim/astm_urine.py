@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import time
-from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from firmware_sim.link import DeviceLink, Handler
-from firmware_sim.urine_strip import PadResult, random_strip
+from firmware_sim.sim_options import non_negative
+from firmware_sim.urine_strip import PadResult, StripAnalyzer, add_strip_arguments
 
 HELP = "urine strip analyzer sending ASTM E1381/E1394 results (instrument side)"
 
@@ -115,36 +114,25 @@ class AstmUrineDevice:
     """The analyzer: its result memory, its clock and its sending behaviour."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.every: float = args.every
         self.serial: str = args.serial
-        self.clock_offset = timedelta(seconds=args.clock_offset)
         self.one_record_per_frame: bool = args.frames == "record"
         self.timers = SenderTimers(args.ack_timeout, args.busy_retry, args.contention_delay)
-        self.rng = random.Random(getattr(args, "seed", None))
-        self.memory: deque[list[bytes]] = deque(maxlen=args.memory)
-        self.specimens = 0
+        self.strips = StripAnalyzer(args, self._message)
         self.aborted_sessions = 0
-        self._next_strip = time.monotonic() + args.first_after
 
-    def device_now(self) -> datetime:
-        return datetime.now(UTC).replace(tzinfo=None) + self.clock_offset
-
-    def _run_due_strips(self) -> None:
-        while time.monotonic() >= self._next_strip:
-            self.specimens += 1
-            pads = random_strip(self.rng)
-            self.memory.append(strip_message(self.serial, self.specimens, self.device_now(), pads))
-            self._next_strip += self.every
+    def _message(self, pads: list[PadResult], moment: datetime, number: int) -> list[bytes]:
+        return strip_message(self.serial, number, moment, pads)
 
     async def serve(self, link: DeviceLink) -> None:
         inbox = _Inbox(link)
+        memory = self.strips.memory
         while True:
-            self._run_due_strips()
-            if not self.memory:
-                await self._idle(link, inbox, self._next_strip - time.monotonic())
+            self.strips.read_due_strips()
+            if not memory:
+                await self._idle(link, inbox, self.strips.seconds_to_next())
                 continue
-            if await self._send_session(link, inbox, self.memory[0]):
-                self.memory.popleft()
+            if await self._send_session(link, inbox, memory[0]):
+                memory.popleft()
 
     async def _idle(self, link: DeviceLink, inbox: _Inbox, seconds: float) -> None:
         """Wait, refusing any host attempt to send (this analyzer takes no orders)."""
@@ -191,49 +179,18 @@ class AstmUrineDevice:
         return None
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
-    return value
-
-
-def clock_offset(text: str) -> float:
-    """Seconds the device clock is ahead (negative: behind); must keep the year in 1..9999."""
-    value = float(text)
-    try:
-        datetime.now(UTC) + timedelta(seconds=value)
-    except OverflowError:
-        raise argparse.ArgumentTypeError(f"{text}: clock offset out of range") from None
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--every", type=_positive, default=300.0, metavar="SECONDS",
-                        help="a strip is read every SECONDS (default 300)")
-    parser.add_argument("--first-after", type=_non_negative, default=1.0, metavar="SECONDS",
-                        help="first strip this long after start-up (default 1)")
+    add_strip_arguments(parser)
     parser.add_argument("--serial", default="SN0001",
                         help="analyzer serial number (default SN0001)")
-    parser.add_argument("--clock-offset", type=clock_offset, default=0.0, metavar="SECONDS",
-                        help="device clock = UTC + SECONDS; may be years off (default 0)")
     parser.add_argument("--frames", choices=("record", "message"), default="record",
                         help="one record per frame, or the whole message split at 240 characters"
                         " (default record)")
-    parser.add_argument("--memory", type=int, default=100, metavar="N",
-                        help="results kept until sent; the oldest is lost beyond (default 100)")
-    parser.add_argument("--ack-timeout", type=_non_negative, default=15.0, metavar="SECONDS",
+    parser.add_argument("--ack-timeout", type=non_negative, default=15.0, metavar="SECONDS",
                         help="wait for ACK/NAK before re-sending (default 15, E1381)")
-    parser.add_argument("--busy-retry", type=_non_negative, default=10.0, metavar="SECONDS",
+    parser.add_argument("--busy-retry", type=non_negative, default=10.0, metavar="SECONDS",
                         help="pause after a refused ENQ or an aborted session (default 10)")
-    parser.add_argument("--contention-delay", type=_non_negative, default=1.0, metavar="SECONDS",
+    parser.add_argument("--contention-delay", type=non_negative, default=1.0, metavar="SECONDS",
                         help="pause after ENQ contention; the instrument wins (default 1)")
 
 

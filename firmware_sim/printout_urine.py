@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import random
-import time
-from collections import deque
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
-from firmware_sim.astm_urine import clock_offset, non_negative, positive
 from firmware_sim.link import DeviceLink, Handler
-from firmware_sim.urine_strip import PadResult, random_strip
+from firmware_sim.sim_options import non_negative
+from firmware_sim.urine_strip import PadResult, StripAnalyzer, add_strip_arguments
 
 HELP = "urine strip analyzer printing its report between STX and ETX (Consult 120, Clinitek 50)"
 
@@ -95,40 +92,25 @@ def clinitek50_report(pads: list[PadResult], moment: datetime, number: int, colo
 class PrintoutUrineDevice:
     def __init__(self, args: argparse.Namespace) -> None:
         self.dialect: str = args.dialect
-        self.every: float = args.every
         self.nak_window: float = args.nak_window
-        self.clock_offset = timedelta(seconds=args.clock_offset)
-        self.rng = random.Random(getattr(args, "seed", None))
-        self.memory: deque[bytes] = deque(maxlen=args.memory)
-        self.reports = 0
-        self._next_report = time.monotonic() + args.first_after
+        self.strips = StripAnalyzer(args, self._report)
 
-    def device_now(self) -> datetime:
-        return datetime.now(UTC).replace(tzinfo=None) + self.clock_offset
-
-    def _print_due_reports(self) -> None:
-        while time.monotonic() >= self._next_report:
-            self.reports += 1
-            pads = random_strip(self.rng)
-            if self.dialect == "clinitek50":
-                colour = self.rng.choice(CLINITEK_COLOURS)
-                report = clinitek50_report(pads, self.device_now(), self.reports, colour)
-            else:
-                report = consult120_report(pads, self.device_now(), self.reports)
-            self.memory.append(report)
-            self._next_report += self.every
+    def _report(self, pads: list[PadResult], moment: datetime, number: int) -> bytes:
+        if self.dialect == "clinitek50":
+            colour = CLINITEK_COLOURS[number % len(CLINITEK_COLOURS)]
+            return clinitek50_report(pads, moment, number, colour)
+        return consult120_report(pads, moment, number)
 
     async def serve(self, link: DeviceLink) -> None:
         naks = asyncio.Queue[None]()
         listener = asyncio.create_task(self._listen(link, naks))
         try:
             while True:
-                self._print_due_reports()
-                if not self.memory:
-                    await asyncio.sleep(max(self._next_report - time.monotonic(), 0.0))
+                self.strips.read_due_strips()
+                if not self.strips.memory:
+                    await asyncio.sleep(max(self.strips.seconds_to_next(), 0.0))
                     continue
-                report = self.memory.popleft()
-                await self._send(link, report, naks)
+                await self._send(link, self.strips.memory.popleft(), naks)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
@@ -157,15 +139,7 @@ class PrintoutUrineDevice:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dialect", choices=("consult120", "clinitek50"), default="consult120",
                         help="printout layout (default consult120)")
-    parser.add_argument("--every", type=positive, default=300.0, metavar="SECONDS",
-                        help="a strip is read every SECONDS (default 300)")
-    parser.add_argument("--first-after", type=non_negative, default=1.0, metavar="SECONDS",
-                        help="first strip this long after start-up (default 1)")
-    parser.add_argument("--clock-offset", type=clock_offset, default=0.0, metavar="SECONDS",
-                        help="device clock = UTC + SECONDS; may be years off (default 0; the "
-                        "Clinitek prints a 2-digit year, read as 1970-2069)")
-    parser.add_argument("--memory", type=int, default=100, metavar="N",
-                        help="reports kept until a host is connected (default 100)")
+    add_strip_arguments(parser, "; the Clinitek prints a 2-digit year, read as 1970-2069")
     parser.add_argument("--nak-window", type=non_negative, default=1.0, metavar="SECONDS",
                         help="clinitek50: a NAK within SECONDS of a report asks for a reprint "
                         "(default 1)")

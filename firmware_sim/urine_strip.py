@@ -6,8 +6,18 @@ for a kidney-stone patient (mostly normal, sometimes infected or bloody; clinica
 
 from __future__ import annotations
 
+import argparse
 import random
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
+
+from firmware_sim.sim_options import add_clock_offset, non_negative, positive
+
+Rendered = TypeVar("Rendered")
 
 
 @dataclass(frozen=True)
@@ -48,3 +58,42 @@ def random_strip(rng: random.Random) -> list[PadResult]:
         _graded(rng, "BIL", "mg/dL", [("neg", ""), ("1+", "1")], [97, 3]),
         _graded(rng, "UBG", "mg/dL", [("norm", "0.2"), ("1+", "2")], [95, 5]),
     ]
+
+
+class StripAnalyzer(Generic[Rendered]):
+    """The analyzer's own life: a strip read every ``--every`` seconds (the first soon after
+    start-up), rendered for the wire by ``render(pads, device_time, number)`` and kept in a
+    bounded result memory until sent; its clock runs ``--clock-offset`` away from UTC."""
+
+    def __init__(
+        self, args: argparse.Namespace, render: Callable[[list[PadResult], datetime, int], Rendered]
+    ) -> None:
+        self.every: float = args.every
+        self.clock_offset = timedelta(seconds=args.clock_offset)
+        self.rng = random.Random(getattr(args, "seed", None))
+        self.memory: deque[Rendered] = deque(maxlen=args.memory)
+        self.count = 0
+        self._render = render
+        self._next = time.monotonic() + args.first_after
+
+    def device_now(self) -> datetime:
+        return datetime.now(UTC).replace(tzinfo=None) + self.clock_offset
+
+    def seconds_to_next(self) -> float:
+        return float(self._next - time.monotonic())
+
+    def read_due_strips(self) -> None:
+        while time.monotonic() >= self._next:
+            self.count += 1
+            self.memory.append(self._render(random_strip(self.rng), self.device_now(), self.count))
+            self._next += self.every
+
+
+def add_strip_arguments(parser: argparse.ArgumentParser, clock_note: str = "") -> None:
+    parser.add_argument("--every", type=positive, default=300.0, metavar="SECONDS",
+                        help="a strip is read every SECONDS (default 300)")
+    parser.add_argument("--first-after", type=non_negative, default=1.0, metavar="SECONDS",
+                        help="first strip this long after start-up (default 1)")
+    parser.add_argument("--memory", type=int, default=100, metavar="N",
+                        help="results kept until sent; the oldest is lost beyond (default 100)")
+    add_clock_offset(parser, clock_note)

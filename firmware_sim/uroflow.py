@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from firmware_sim.astm_urine import clock_offset, non_negative, positive
 from firmware_sim.link import DeviceLink, Handler
+from firmware_sim.sim_options import add_clock_offset, non_negative, positive
 
 HELP = "uroflowmetry scale streaming load-cell weight lines ($UFW/$UFT, >= 10 Hz)"
 
@@ -171,8 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="urine density (default 1.0 g/mL)")
     parser.add_argument("--tick-start", type=int, default=0, metavar="MS",
                         help="tick counter at power-on, 0..2^32-1, to test the wrap (default 0)")
-    parser.add_argument("--clock-offset", type=clock_offset, default=0.0, metavar="SECONDS",
-                        help="device clock = UTC + SECONDS; may be years off (default 0)")
+    add_clock_offset(parser)
 
 
 def create(args: argparse.Namespace) -> Handler:

@@ -24,8 +24,9 @@ def frame(number: int, text: bytes, final: bool = True) -> bytes:
 
 
 @asynccontextmanager
-async def scripted_device() -> AsyncIterator[tuple[SerialLink, DeviceLink]]:
-    """A host link plus the raw device end, which the test drives byte by byte."""
+async def raw_device() -> AsyncIterator[tuple[SerialLink, DeviceLink]]:
+    """A host link plus the raw device end, which the test drives byte by byte (shared by the
+    printout and uroflow tests)."""
     connected: asyncio.Future[DeviceLink] = asyncio.get_running_loop().create_future()
     finished = asyncio.Event()
 
@@ -55,7 +56,7 @@ async def send_all(device: DeviceLink, frames: list[bytes]) -> None:
 
 
 async def test_receiver_takes_golden_session_after_garbage() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         receiver = AstmReceiver(host, FAST)
         task = asyncio.create_task(receiver.receive_message())
         await device.write(b"\x00noise\r\n")
@@ -65,7 +66,7 @@ async def test_receiver_takes_golden_session_after_garbage() -> None:
 
 
 async def test_bad_checksum_is_naked_and_retransmission_accepted() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         receiver = AstmReceiver(host, FAST)
         task = asyncio.create_task(receiver.receive_message())
         await device.write(ENQ)
@@ -85,14 +86,14 @@ async def test_bad_checksum_is_naked_and_retransmission_accepted() -> None:
 
 
 async def test_duplicate_frame_is_acked_once_and_ignored() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await send_all(device, [*GOLDEN_FRAMES[:3], GOLDEN_FRAMES[2], *GOLDEN_FRAMES[3:]])
         assert await asyncio.wait_for(task, 5) == GOLDEN_MESSAGE
 
 
 async def test_frame_out_of_sequence_is_naked() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await device.write(ENQ)
         assert await reply(device) == ACK
@@ -102,7 +103,7 @@ async def test_frame_out_of_sequence_is_naked() -> None:
 
 
 async def test_half_frame_is_naked_after_timeout_then_resent() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await device.write(ENQ)
         assert await reply(device) == ACK
@@ -116,7 +117,7 @@ async def test_half_frame_is_naked_after_timeout_then_resent() -> None:
 
 
 async def test_lost_frame_end_resynchronises_on_next_stx() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await device.write(ENQ)
         assert await reply(device) == ACK
@@ -130,7 +131,7 @@ async def test_lost_frame_end_resynchronises_on_next_stx() -> None:
 
 
 async def test_session_aborted_before_last_frame_delivers_nothing() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await send_all(device, [frame(1, b"H|\\^&\r", final=False)])
         await send_all(device, GOLDEN_FRAMES)  # the next session is complete
@@ -139,7 +140,7 @@ async def test_session_aborted_before_last_frame_delivers_nothing() -> None:
 
 async def test_etb_continuation_frames_are_joined() -> None:
     first, second = GOLDEN_MESSAGE[:100], GOLDEN_MESSAGE[100:]
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await send_all(device, [frame(1, first, final=False), frame(2, second)])
         assert await asyncio.wait_for(task, 5) == GOLDEN_MESSAGE
@@ -149,7 +150,7 @@ async def test_etb_continuation_frames_are_joined() -> None:
 async def test_frame_numbers_wrap_mod_8_or_to_1(wrap_to: int) -> None:
     records = [b"H|\\^&\r", *[b"C|%d|I|x\r" % i for i in range(1, 8)], b"L|1|N\r"]
     numbers = [1, 2, 3, 4, 5, 6, 7, wrap_to, wrap_to + 1]
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await send_all(device, [frame(n, r) for n, r in zip(numbers, records, strict=True)])
         assert await asyncio.wait_for(task, 5) == b"".join(records)
@@ -157,7 +158,7 @@ async def test_frame_numbers_wrap_mod_8_or_to_1(wrap_to: int) -> None:
 
 async def test_silent_sender_times_out_and_partial_message_is_dropped() -> None:
     timers = AstmTimers(frame=0.2, frame_complete=0.2)
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, timers).receive_message())
         await device.write(ENQ)
         assert await reply(device) == ACK
@@ -172,7 +173,7 @@ async def test_silent_sender_times_out_and_partial_message_is_dropped() -> None:
 
 
 async def test_complete_message_survives_a_lost_eot() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         receiver = AstmReceiver(host, FAST)
         task = asyncio.create_task(receiver.receive_message())
         await device.write(ENQ)
@@ -191,7 +192,7 @@ async def test_complete_message_survives_a_lost_eot() -> None:
 
 
 async def test_unplugged_mid_frame_raises_link_error() -> None:
-    async with scripted_device() as (host, device):
+    async with raw_device() as (host, device):
         task = asyncio.create_task(AstmReceiver(host, FAST).receive_message())
         await device.write(ENQ)
         assert await reply(device) == ACK

@@ -17,7 +17,7 @@ from drivers.astm_link import ACK, ENQ, EOT, NAK, STX, AstmTimers
 from drivers.astm_records import parse_records
 from drivers.measurement import Measurement
 from drivers.serial_link import LinkError, SerialLink
-from firmware_sim import astm_urine
+from firmware_sim import astm_urine, urine_strip
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
 
 FAST = AstmTimers(frame=3.0, frame_complete=0.5)
@@ -101,7 +101,7 @@ async def test_corrupted_line_delivers_strips_intact_in_order() -> None:
     assert len(measurements) + analyzer.rejected == numbers[-1]
     assert analyzer.link_stats["rejected_frames"] > 0  # the faults did hit
     rng = random.Random(5)
-    strips = [astm_urine.random_strip(rng) for _ in range(numbers[-1])]
+    strips = [urine_strip.random_strip(rng) for _ in range(numbers[-1])]
     for number, measurement in zip(numbers, measurements, strict=True):
         assert measurement.raw is not None
         sent = [(p.code, astm_urine.astm_value(p)) for p in strips[number - 1]]

@@ -10,7 +10,7 @@ import pytest
 from drivers import astm_link
 from drivers.astm import measurements_from_message
 from drivers.astm_records import AstmRecordError, parse_records
-from firmware_sim import astm_urine
+from firmware_sim import astm_urine, urine_strip
 
 GOLDEN_FRAMES = [
     b"\x021H|\\^&|||UA-SIM^1.0^SN0001|||||||P|LIS2-A2|20250301083000\r\x03D0\r\n",
@@ -123,7 +123,7 @@ def test_bad_messages_raise_a_typed_error_naming_the_fault(message: bytes, reaso
 def test_simulated_strip_message_decodes_to_ten_pads() -> None:
     import random
 
-    pads = astm_urine.random_strip(random.Random(3))
+    pads = urine_strip.random_strip(random.Random(3))
     records = astm_urine.strip_message("SN9", 7, datetime(2031, 1, 2, 3, 4, 5), pads)
     (measurement,) = measurements_from_message(b"".join(records), RECEIVED)
     assert len(measurement.readings) == 10

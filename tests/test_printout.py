@@ -23,6 +23,7 @@ from drivers.urine_printout import (
 )
 from firmware_sim import printout_urine
 from firmware_sim.link import DeviceLink, Endpoint, Faults, SimulatorServer
+from tests.test_astm_link import raw_device
 
 RECEIVED = datetime(2026, 11, 22, 1, 0, tzinfo=UTC)
 
@@ -159,19 +160,8 @@ TCP = Endpoint.parse("tcp://127.0.0.1:0")
 async def scripted_device(
     report_timeout: float = 2.0,
 ) -> AsyncIterator[tuple[PrintoutUrineAnalyzer, DeviceLink]]:
-    connected: asyncio.Future[DeviceLink] = asyncio.get_running_loop().create_future()
-    finished = asyncio.Event()
-
-    async def handler(link: DeviceLink) -> None:
-        connected.set_result(link)
-        await finished.wait()
-
-    async with SimulatorServer(handler, TCP) as server, SerialLink.open(server.address) as host:
-        device = await asyncio.wait_for(connected, 5)
-        try:
-            yield PrintoutUrineAnalyzer(host, report_timeout=report_timeout, max_report=600), device
-        finally:
-            finished.set()
+    async with raw_device() as (host, device):
+        yield PrintoutUrineAnalyzer(host, report_timeout=report_timeout, max_report=600), device
 
 
 def framed(body: bytes) -> bytes:

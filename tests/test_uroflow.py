@@ -27,6 +27,7 @@ from drivers.uroflow import (
 from drivers.uroflow_analysis import FlowSettings, VoidRejected, analyse_void
 from firmware_sim import uroflow
 from firmware_sim.link import DeviceLink, Endpoint, Faults, SimulatorServer
+from tests.test_astm_link import raw_device
 
 RATE = 10.0
 TCP = Endpoint.parse("tcp://127.0.0.1:0")
@@ -170,19 +171,8 @@ def test_unordered_times_are_rejected() -> None:
 async def scripted_scale(
     detection: VoidDetection | None = None,
 ) -> AsyncIterator[tuple[UroflowScale, DeviceLink]]:
-    connected: asyncio.Future[DeviceLink] = asyncio.get_running_loop().create_future()
-    finished = asyncio.Event()
-
-    async def handler(link: DeviceLink) -> None:
-        connected.set_result(link)
-        await finished.wait()
-
-    async with SimulatorServer(handler, TCP) as server, SerialLink.open(server.address) as host:
-        device = await asyncio.wait_for(connected, 5)
-        try:
-            yield UroflowScale(host, detection=detection or VoidDetection(end_quiet_s=4)), device
-        finally:
-            finished.set()
+    async with raw_device() as (host, device):
+        yield UroflowScale(host, detection=detection or VoidDetection(end_quiet_s=4)), device
 
 
 def stream(grams: np.ndarray, first_tick: int = 0, clock: str = "20300101120000") -> bytes:
