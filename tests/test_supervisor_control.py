@@ -23,7 +23,7 @@ from drivers.force_sensor import ForceSensor
 from drivers.serial_link import SerialLink
 from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
 from firmware_sim.force import ForceSim
-from firmware_sim.link import Endpoint, SimulatorServer
+from firmware_sim.link import Endpoint, Faults, SimulatorServer
 from firmware_sim.probe_world import ProbeWorld
 
 WATCHDOG_S = 0.1
@@ -56,7 +56,8 @@ async def cancel(task: asyncio.Task[None]) -> None:
 
 @contextlib.asynccontextmanager
 async def manipulator(
-    start_z_servo: float = 0.0, config: SupervisorConfig | None = None
+    start_z_servo: float = 0.0, config: SupervisorConfig | None = None,
+    bus_faults: Faults | None = None,
 ) -> AsyncIterator[Manipulator]:
     sim = DynamixelSim()
     for servo in sim.servos:
@@ -64,7 +65,7 @@ async def manipulator(
     sim.servo(3).position = start_z_servo
     world = ProbeWorld(sim.positions)
     force = ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
-    async with sim.serving() as bus_server, \
+    async with sim.serving(faults=bus_faults) as bus_server, \
             SimulatorServer(force.serve, Endpoint("pty")) as force_server, \
             SerialLink.open(bus_server.address) as bus_link, \
             SerialLink.open(force_server.address) as force_link:
@@ -201,3 +202,14 @@ async def test_frozen_daemon_is_stopped_by_the_servo_watchdog() -> None:
             assert tripped_at - silent_since <= WATCHDOG_S + 2 * m.sim.step_s
         await asyncio.sleep(0.1)  # observation window
         assert settled_after(m.sim, max(t for _, t in m.sim.watchdog_trips))
+
+
+async def test_unplugged_servo_bus_latches_estop() -> None:
+    faults = Faults()
+    async with manipulator(bus_faults=faults) as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0.02, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.002)
+            faults.disconnect()  # the USB adapter is pulled out mid-motion
+            await wait_for(lambda: Reason.ESTOP_SERVO_LINK in m.status_reasons())
+        assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_LINK

@@ -33,6 +33,7 @@ from daemons.manipulator.supervisor import (
 from drivers.dynamixel import JointServos, ServoState
 from drivers.dynamixel_protocol import DynamixelError
 from drivers.force_sensor import ForceReading
+from medge.log import StateLog
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,7 @@ class ControlLoop:
         self._lateness: collections.deque[float] = collections.deque(maxlen=60_000)
         self._cycle_times: collections.deque[float] = collections.deque(maxlen=60_000)
         self._overruns = 0
+        self._bus_log = StateLog(log, "servo bus")
 
     @property
     def supervisor(self) -> Supervisor:
@@ -112,22 +114,25 @@ class ControlLoop:
         supervisor = self.supervisor
         try:
             self.last_states = await self.servos.read_states()
-            faults = [s.hardware_error for s in self.last_states]
         except DynamixelError as exc:
-            log.error("servo bus failed", error=str(exc))
-            supervisor.estop(Reason.ESTOP_SERVO_LINK)
-            faults = []
-        output = supervisor.step(self.force_source(), faults)
+            self._bus_failed(exc)
+        output = supervisor.step(self.force_source(), [s.hardware_error for s in self.last_states])
         try:
             await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
         except DynamixelError as exc:
-            log.error("servo bus failed", error=str(exc))
-            supervisor.estop(Reason.ESTOP_SERVO_LINK)
+            self._bus_failed(exc)
+        else:
+            self._bus_log.set("ok")
         self._cycle_times.append(self.clock() - started)
         self.last_output = output
         for listener in self.listeners:
             listener(output, self.last_states)
         return output
+
+    def _bus_failed(self, error: DynamixelError) -> None:
+        """The bus is the robot's only brake we control: losing it latches the E-stop."""
+        self._bus_log.set("failed", level="error", error=str(error))
+        self.supervisor.estop(Reason.ESTOP_SERVO_LINK)
 
     async def run(self) -> None:
         """Cycle on absolute deadlines until cancelled."""
