@@ -26,7 +26,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerRTU
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.register_message import (
@@ -318,36 +317,39 @@ class ModbusRtuClient:
 
     async def _receive(self, function_code: int, what: str) -> ModbusPDU:
         buffer = bytearray()
-        garbled = False
+        garbage_before = self.garbage_bytes
         deadline = time.monotonic() + self.response_timeout
         while True:
             remaining = deadline - time.monotonic()
             try:
                 buffer += await self.link.read(timeout=max(remaining, 0.0))
             except TimeoutError:
-                kind = ModbusFrameError if garbled or buffer else ModbusTimeout
-                detail = f"only garbled bytes ({len(buffer)} pending)" if kind is ModbusFrameError \
-                    else f"no answer within {self.response_timeout:g} s"
-                raise kind(f"{self._where()}: {what}: {detail}") from None
-            while buffer:
-                used, unit, _, pdu_bytes = self._framer.decode(bytes(buffer))
-                if not used:
-                    break  # incomplete: wait for more bytes
-                if not pdu_bytes:  # CRC failed at some candidate start: hunt one byte further
-                    del buffer[:1]
-                    self.garbage_bytes += 1
-                    garbled = True
-                    continue
-                try:
-                    pdu = self._framer.decoder.decode(pdu_bytes)
-                except ModbusException:
-                    pdu = None
-                if pdu is None or unit != self.unit or pdu.function_code & 0x7F != function_code:
-                    self.garbage_bytes += len(buffer)
-                    buffer.clear()
-                    garbled = True
-                    break
+                if buffer or self.garbage_bytes > garbage_before:
+                    raise ModbusFrameError(f"{self._where()}: {what}: only garbled bytes "
+                                           f"({len(buffer)} pending)") from None
+                raise ModbusTimeout(f"{self._where()}: {what}: no answer within "
+                                    f"{self.response_timeout:g} s") from None
+            if (pdu := self.extract(buffer, function_code)) is not None:
                 return pdu
+
+    def extract(self, buffer: bytearray, function_code: int) -> ModbusPDU | None:
+        """Take this unit's answer to ``function_code`` out of ``buffer``, dropping the garbage
+        before it (counted in ``garbage_bytes``); ``None`` while no whole answer is there."""
+        while buffer:
+            used, unit, _, pdu_bytes = self._framer.decode(bytes(buffer))
+            if not used:
+                return None  # incomplete: wait for more bytes
+            if not pdu_bytes:  # CRC failed at some candidate start: hunt one byte further
+                del buffer[:1]
+                self.garbage_bytes += 1
+                continue
+            pdu = self._framer.decoder.decode(pdu_bytes)
+            if pdu is None or unit != self.unit or pdu.function_code & 0x7F != function_code:
+                self.garbage_bytes += len(buffer)  # a valid frame, but not our answer
+                buffer.clear()
+                return None
+            return pdu
+        return None
 
 
 # -- device ----------------------------------------------------------------------------------

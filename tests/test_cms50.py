@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.cms50 import (
     FLAG_ARTEFACT,
@@ -256,3 +258,46 @@ async def test_probe_of_unreachable_port_is_none() -> None:
 def test_driver_rejects_nonsense_options() -> None:
     with pytest.raises(ValueError, match="positive"):
         Cms50Legacy(SerialLink("socket://127.0.0.1:1"), window=0)
+
+
+# -- arbitrary input (hypothesis) ----------------------------------------------------------
+
+LEGACY_PACKET = bytes([0xC8, 0x35, 0x05, 0x48, 0x61])
+LIVE_FRAME = bytes([0x01, 0xE0, 0xC0, 0xB5, 0xB5, 0xC8, 0xE1, 0xFF, 0xFF])
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=64), count=st.integers(min_value=1, max_value=4))
+def test_legacy_framer_recovers_every_packet_after_any_garbage(garbage: bytes, count: int) -> None:
+    framer = LegacyFramer()
+    packets = framer.feed(garbage) + framer.feed(LEGACY_PACKET * count)
+    assert packets[-count:] == [LEGACY_PACKET] * count
+    for packet in packets:  # whatever garbage decodes to, it decodes without error
+        sample = decode_legacy_packet(packet)
+        assert sample.spo2 is None or 35 <= sample.spo2 <= 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=64), count=st.integers(min_value=1, max_value=4))
+def test_v46_framer_recovers_every_frame_after_any_garbage(garbage: bytes, count: int) -> None:
+    framer = V46Framer()
+    frames = framer.feed(garbage) + framer.feed(LIVE_FRAME * count)
+    assert frames[-count:] == [LIVE_FRAME] * count
+    for frame in frames:
+        if frame[0] == 0x01:
+            sample = decode_live_frame(frame)
+            assert sample.pulse_rate is None or 25 <= sample.pulse_rate <= 250
+        else:
+            unstuff(frame)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=20))
+def test_framers_are_indifferent_to_how_reads_split_the_stream(chunks: list[int]) -> None:
+    stream = (LIVE_FRAME + bytes([0x0C, 0x80])) * 10
+    framer, found, position = V46Framer(), [], 0
+    for size in chunks * 20:
+        found += framer.feed(stream[position:position + size])
+        position += size
+    found += framer.feed(stream[position:])
+    assert found == [LIVE_FRAME, bytes([0x0C, 0x80])] * 10 and framer.discarded == 0

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pymodbus.framer import FramerRTU
 from pymodbus.pdu import DecodePDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, WriteSingleRegisterRequest
@@ -22,6 +24,7 @@ from drivers.modbus_device import (
     ModbusDeviceException,
     ModbusError,
     ModbusFrameError,
+    ModbusRtuClient,
     ModbusTimeout,
     RegisterMap,
     RegisterSpec,
@@ -34,7 +37,14 @@ from drivers.modbus_device import (
 from drivers.serial_link import SerialLink
 from firmware_sim import modbus_vent
 from firmware_sim.cms50 import Cms50Simulator
-from firmware_sim.link import DeviceLink, Endpoint, Faults, HostDisconnected, SimulatorServer
+from firmware_sim.link import (
+    DeviceLink,
+    Endpoint,
+    Faults,
+    Handler,
+    HostDisconnected,
+    SimulatorServer,
+)
 from firmware_sim.modbus_vent import (
     MapError,
     ModbusVentSimulator,
@@ -376,23 +386,31 @@ async def test_only_garbage_is_a_frame_error() -> None:
         assert device.client.garbage_bytes > 0
 
 
+def answering(reply: Callable[[bytes], bytes]) -> Handler:
+    """A scripted device: answers each request with ``reply(request)``."""
+
+    async def handler(link: DeviceLink) -> None:
+        try:
+            while True:
+                await link.write(reply(await link.read()))
+        except HostDisconnected:
+            pass
+
+    return handler
+
+
 async def test_garbage_before_the_answer_is_skipped() -> None:
     """The device's answer arrives after line noise; the driver hunts past it."""
     sim = ModbusVentSimulator(VENT_MAP)
 
-    async def noisy(link: DeviceLink) -> None:
-        try:
-            while True:
-                request = await link.read()
-                reply = sim.answer(request[:-2])
-                assert reply is not None
-                await link.write(b"\x11\x22\xff\x01\x03" + with_crc(reply))
-        except HostDisconnected:
-            pass
+    def noisy(request: bytes) -> bytes:
+        reply = sim.answer(request[:-2])
+        assert reply is not None
+        return b"\x11\x22\xff\x01\x03" + with_crc(reply)
 
     register_map = load_map(VENT_MAP)
     async with (
-        SimulatorServer(noisy, Endpoint.parse("tcp://127.0.0.1:0")) as server,
+        SimulatorServer(answering(noisy), Endpoint.parse("tcp://127.0.0.1:0")) as server,
         SerialLink.open(server.address) as link,
     ):
         device = ModbusDevice(link, register_map)
@@ -402,17 +420,12 @@ async def test_garbage_before_the_answer_is_skipped() -> None:
 
 
 async def test_half_frame_then_silence_is_a_frame_error() -> None:
-    async def truncating(link: DeviceLink) -> None:
-        try:
-            while True:
-                await link.read()
-                await link.write(bytes([1, 4, 24, 0, 1]))  # promises 24 bytes, sends 2
-        except HostDisconnected:
-            pass
+    def truncating(request: bytes) -> bytes:
+        return bytes([1, 4, 24, 0, 1])  # promises 24 bytes, sends 2
 
     register_map = load_map(VENT_MAP)
     async with (
-        SimulatorServer(truncating, Endpoint.parse("tcp://127.0.0.1:0")) as server,
+        SimulatorServer(answering(truncating), Endpoint.parse("tcp://127.0.0.1:0")) as server,
         SerialLink.open(server.address) as link,
     ):
         device = ModbusDevice(link, register_map)
@@ -437,3 +450,29 @@ def test_nan_float_register_reads_as_no_value() -> None:
     reading = to_reading(spec("float32"), [0x7FC0, 0x0000], "big")
     assert reading.value is None and reading.text == "no value"
     assert math.isnan(decode_value(spec("float32"), [0x7FC0, 0x0000], "big"))
+
+
+# -- arbitrary input (hypothesis) --------------------------------------------------------------
+
+ANSWER = with_crc(bytes([1, 4, 4, 0x00, 0x32, 0x01, 0xC2]))  # input registers 50, 450
+
+
+def fresh_client() -> ModbusRtuClient:
+    return ModbusRtuClient(SerialLink("socket://127.0.0.1:1"), 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(noise=st.binary(max_size=80))
+def test_extract_never_fails_on_arbitrary_bytes(noise: bytes) -> None:
+    for buffer in (bytearray(noise), bytearray(noise + ANSWER), bytearray(ANSWER + noise)):
+        pdu = fresh_client().extract(buffer, 4)
+        assert pdu is None or pdu.function_code & 0x7F == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(noise=st.lists(st.integers(min_value=0x80, max_value=0xFF), max_size=40).map(bytes))
+def test_extract_hunts_past_line_noise(noise: bytes) -> None:
+    client = fresh_client()
+    pdu = client.extract(bytearray(noise + ANSWER), 4)
+    assert pdu is not None and list(pdu.registers) == [50, 450]
+    assert client.garbage_bytes == len(noise)
