@@ -51,6 +51,12 @@ def test_lines_decode() -> None:
     assert parse_line(uroflow.nmea_line("UFW,100,12.3")) == WeightSample(100, 12.3)
 
 
+def test_documented_examples() -> None:
+    assert parse_line(b"$UFW,123400,251.3*6B\r\n") == WeightSample(123400, 251.3)
+    assert parse_line(b"$UFT,123400,20261122083000,UF0001,10*5D\r\n") == ClockLine(
+        123400, datetime(2026, 11, 22, 8, 30), "UF0001", 10.0)
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
