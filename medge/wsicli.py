@@ -14,14 +14,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from medge.config import ConfigError, load
 from medge.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
-from medge.pacs.base import PacsError, PermanentPacsError
-from medge.pacs.config import PacsConfig
-from medge.pacs.delivery import Progress, SpoolDelivery
-from medge.pacs.spool import Spool, SpoolError, SpoolJob
+
+if TYPE_CHECKING:  # imported lazily: pydicom/pynetdicom cost ~0.3 s on every `medge` call
+    from medge.pacs.base import PacsError
+    from medge.pacs.delivery import Progress, SpoolDelivery
+    from medge.pacs.spool import SpoolJob
 
 BAR_WIDTH = 30
 
@@ -143,12 +144,19 @@ class ProgressBar:
         if self.interactive:
             self.stream.write("\n")
         retry_in = max(0.0, job.next_attempt_at - time.time())
+        from medge.pacs.base import PermanentPacsError
+
         note = "" if isinstance(error, PermanentPacsError) else f" (retrying in {retry_in:.0f} s)"
         self.stream.write(f"{error}{note}\n")
         self.stream.flush()
 
 
 def run_send(args: argparse.Namespace) -> int:
+    from medge.pacs.base import PermanentPacsError
+    from medge.pacs.config import PacsConfig
+    from medge.pacs.delivery import SpoolDelivery
+    from medge.pacs.spool import Spool, SpoolError
+
     try:
         config = load(args.config, PacsConfig)
         destination = config.destination(args.to)
