@@ -36,6 +36,8 @@ from medge.settings import MqttSection
 from medge.topics import Topics
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+AckCallback = Callable[[str | None], None]
+"""Called with None on success or the broker's failure reason."""
 
 STABLE_AFTER_S = 10.0
 """A connection that lasted this long resets the reconnect backoff."""
@@ -67,13 +69,28 @@ class _Client(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refused: dict[int, str] = {}
+        self.callbacks: dict[int, AckCallback] = {}
 
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
     ) -> None:
+        reason = None
         if reason_code.is_failure:
-            self.refused[mid] = f"{reason_code.getName()} ({reason_code.value})"
+            reason = f"{reason_code.getName()} ({reason_code.value})"
+        callback = self.callbacks.pop(mid, None)
+        if callback is not None:
+            callback(reason)
+            return
+        if reason is not None:
+            self.refused[mid] = reason
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def publish_pipelined(self, topic: str, payload: bytes, on_ack: AckCallback) -> None:
+        """QoS 1 publish without a task per message: ``on_ack(reason)`` runs on the PUBACK."""
+        info = self._client.publish(topic, payload, 1, False)
+        if info.rc != 0:
+            raise LinkDown(f"publish to {topic} failed: paho rc {info.rc}")
+        self.callbacks[info.mid] = on_ack
 
     async def publish_checked(
         self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties | None,
@@ -221,6 +238,14 @@ class MqttLink:
             raise LinkDown("not connected to the broker")
         await client.publish_checked(topic, payload, qos, retain, properties,
                                      self.publish_timeout if timeout is None else timeout)
+
+    def publish_pipelined(self, topic: str, payload: bytes, on_ack: AckCallback) -> None:
+        """Start a QoS 1 publish; ``on_ack`` runs when its PUBACK arrives (never, if the link
+        drops first: the caller treats everything unacknowledged at a disconnect as unsent)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise LinkDown("not connected to the broker")
+        client.publish_pipelined(topic, payload, on_ack)
 
     # ---- connection manager --------------------------------------------------------------
 
