@@ -52,6 +52,8 @@ FEED_HOLD = b"!"
 CYCLE_START = b"~"
 STATUS_QUERY = b"?"
 WAKE_UP = b"\r\n\r\n"
+REQUIRED_SETTINGS = frozenset({10, 13, 20, 22, 110, 111, 112, 120, 121, 122, 130, 131, 132})
+"""Settings the driver relies on; every GRBL 1.1 prints them in ``$$``."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class _Pending:
     size: int
     future: asyncio.Future[list[str]]
     replies: list[str] = field(default_factory=list)
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 def rapid_move_s(delta_mm: XYZ, max_rate_mm_min: XYZ, accel_mm_s2: XYZ) -> float:
@@ -143,6 +146,7 @@ class GrblStage(Stage):
         self._link_up = False
         self._wco: tuple[float, float, float] | None = None
         self._status_seq = 0
+        self._status_at = 0.0
         self._alarm_seq = 0
         self._banner_seq = 0
         self._expect_banner = False
@@ -189,6 +193,9 @@ class GrblStage(Stage):
             self.build = parse_build_info(await self._query("$I"))
             self._rx_size = self.build.rx_buffer_bytes or DEFAULT_RX_BUFFER
             self.settings = dict(parse_setting(line) for line in await self._query("$$"))
+            missing = REQUIRED_SETTINGS - self.settings.keys()
+            if missing:
+                raise ProtocolError(f"{self.url}: $$ reply lacks ${min(missing)} (garbled?)")
             self._tasks.append(asyncio.create_task(self._poll_loop(link), name="grbl-poller"))
             await self._await_status()
         except BaseException:
@@ -321,6 +328,7 @@ class GrblStage(Stage):
             self._wco = status.wco
             self.status = status
             self._status_seq += 1
+            self._status_at = self._last_rx
             if status.is_idle and not self._pending:
                 self._motion_end = None
         elif kind is Kind.ALARM:
@@ -361,6 +369,7 @@ class GrblStage(Stage):
             entry = self._pending.popleft()
             if not entry.future.done():
                 entry.future.set_exception(error)
+                entry.future.exception()  # the caller may be gone; do not log it as lost
         self._in_flight = 0
 
     def _on_alarm(self, alarm: GrblAlarm) -> None:
@@ -405,6 +414,11 @@ class GrblStage(Stage):
         while not done():
             if not self._link_up:
                 raise StageDisconnected(f"{self.url}: disconnected while waiting for {what}")
+            if self._acknowledgement_lost():
+                error = StageTimeout(f"{self.url}: acknowledgement of {self._pending[0].line!r} "
+                                     f"lost (corrupted line?); resynchronising")
+                self._link_lost(error)
+                raise error
             tick = self._tick
             now = time.monotonic()
             silence_left = self._last_rx + self.config.reply_timeout_s - now
@@ -423,6 +437,15 @@ class GrblStage(Stage):
                     )
                     self._link_lost(error)
                     raise error from None
+
+    def _acknowledgement_lost(self) -> bool:
+        """The oldest line is long overdue although the controller reports it has nothing to
+        do, so its ``ok`` was garbled on the wire and the character count is off."""
+        if not self._pending or self.status is None:
+            return False
+        oldest = self._pending[0]
+        overdue = oldest.sent_at + self.config.reply_timeout_s
+        return self._status_at > overdue and self.status.state in ("Idle", "Alarm")
 
     async def _await_entry(self, entry: _Pending, deadline: float | None) -> list[str]:
         await self._wait_for(entry.future.done, deadline, f"a reply to {entry.line!r}")
