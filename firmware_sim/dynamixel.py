@@ -251,14 +251,11 @@ class SimServo:
         a_max = min(profile_a, MOTOR_MAX_ACCEL_RAD_S2) if profile_a else MOTOR_MAX_ACCEL_RAD_S2
         return v_max, a_max
 
-    def _trip(self, bit: int) -> None:
+    def trip(self, bit: int) -> None:
+        """Latch a hardware error and cut torque, if the Shutdown register enables ``bit``."""
         if self.table[63] & (1 << bit):
             self.table[70] |= 1 << bit
             self.table[64] = 0
-
-    def trip(self, bit: int) -> None:
-        """Inject a hardware error as the firmware would latch it (if Shutdown enables ``bit``)."""
-        self._trip(bit)
 
     def step(self, dt: float) -> None:
         before = self.velocity
@@ -274,11 +271,11 @@ class SimServo:
         self._overloaded_for = (
             self._overloaded_for + dt if abs(self.external_torque_nm) > STALL_TORQUE_NM else 0.0)
         if self._overloaded_for > OVERLOAD_TIME_S:
-            self._trip(HW_OVERLOAD)
+            self.trip(HW_OVERLOAD)
         target = AMBIENT_C + HEATING_C_PER_A2 * self.current_a**2
         self.temperature += (target - self.temperature) * dt / THERMAL_TIME_CONSTANT_S
         if self.temperature > self.table[31]:
-            self._trip(HW_OVERHEATING)
+            self.trip(HW_OVERHEATING)
 
     def _watchdog(self, dt: float) -> None:
         units = self.table[_WATCHDOG_ADDR]
@@ -289,6 +286,7 @@ class SimServo:
             self.table[_WATCHDOG_ADDR] = 0xFF
             self.velocity = 0.0  # profiles "applied as 0": a hard stop where it stands
             self.put(116, 4, self.ticks)
+            self.position = (self.ticks - 2048) * 2 * math.pi / TICKS_PER_TURN  # hold that tick
 
     def _track_goal(self, dt: float) -> None:
         if abs(self.external_torque_nm) > STALL_TORQUE_NM:

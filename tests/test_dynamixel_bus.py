@@ -20,7 +20,7 @@ from drivers.dynamixel import (
 )
 from drivers.dynamixel_protocol import CrcMismatch, StatusErrorCode
 from drivers.serial_link import SerialLink
-from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
+from firmware_sim.dynamixel import HW_OVERHEATING, HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
 from firmware_sim.link import Faults
 
 IDS = [1, 2, 3, 4, 5]
@@ -179,3 +179,34 @@ async def test_chain_refuses_bad_goals() -> None:
 
 def test_units() -> None:
     assert ticks_to_rad(3072) == pytest.approx(math.pi / 2)
+
+
+def test_sustained_load_heats_the_motor_until_it_shuts_down() -> None:
+    now = [0.0]
+    sim = DynamixelSim([1], clock=lambda: now[0], step_s=0.01)
+    servo = sim.servo(1)
+    servo.put(64, 1, 1)
+    servo.external_torque_nm = 3.5  # below stall: it holds, but draws ~2 A
+    temperatures = []
+    while servo.torque_on and now[0] < 3600:
+        now[0] += 10.0
+        sim.advance()
+        temperatures.append(servo.temperature)
+    assert servo.hardware_error == 1 << HW_OVERHEATING
+    assert temperatures[0] < 40 and max(temperatures) > servo.table[31] - 2  # heated up to trip
+    assert servo.error_byte() & 0x80  # every status packet now carries the alert bit
+
+
+async def test_overheated_servo_reports_through_the_driver() -> None:
+    async with rig() as (sim, bus):
+        chain = DynamixelChain(bus, IDS)
+        await chain.enable(watchdog_s=0)
+        await wait_for(lambda: sim.servo(5).torque_on)
+        sim.servo(5).temperature = 95.0
+        await wait_for(lambda: sim.servo(5).hardware_error != 0)
+        states = await chain.read_states()
+        assert states[4].hardware_error == 1 << HW_OVERHEATING and states[4].temperature_c >= 90
+        assert [s.faulted for s in states] == [False, False, False, False, True]
+        sim.servo(5).temperature = 45.0  # cooled down; a reboot alone would not help when hot
+        assert await chain.clear_faults() == [5]
+        assert not any(s.faulted for s in await chain.read_states())
