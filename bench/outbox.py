@@ -17,58 +17,24 @@ import json
 import logging
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from medge import log
+from medge.localbroker import Mosquitto
 from medge.runtime import Runtime
 from medge.settings import DaemonConfig, LogSection, MqttSection, NodeSection, OutboxSection
 
 WINDOW = 100
 PAYLOAD = {"resourceType": "Observation", "code": "2708-6", "value": 97, "unit": "%"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def mosquitto(directory: Path) -> Iterator[int]:
-    port = free_port()
-    conf = directory / "mosquitto.conf"
-    conf.write_text(
-        ("user root\n" if os.geteuid() == 0 else "")
-        + f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        "max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n"
-    )
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 class Subscriber:
@@ -186,12 +152,18 @@ def quantile(values: list[float], q: float) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     log.configure("warning", "console")
-    with tempfile.TemporaryDirectory() as tmp, mosquitto(Path(tmp)) as port:
-        async with Runtime(config(Path(tmp) / "state", port), "bench") as rt:
-            await rt.link.wait_connected(10)
-            reference = await reference_throughput(port, args.messages)
-            durable = await durable_throughput(rt, port, args.messages)
-            lat = await latency(rt, port, args.latency_messages, args.rate)
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp) / "broker", persistence=False)
+        broker.start()
+        port = broker.port
+        try:
+            async with Runtime(config(Path(tmp) / "state", port), "bench") as rt:
+                await rt.link.wait_connected(10)
+                reference = await reference_throughput(port, args.messages)
+                durable = await durable_throughput(rt, port, args.messages)
+                lat = await latency(rt, port, args.latency_messages, args.rate)
+        finally:
+            broker.stop()
     ms = [x * 1000 for x in lat]
     rows = [
         ("durable emit -> subscriber (fsync, group commit)", f"{durable:,.0f} msg/s", ">= 5,000"),
