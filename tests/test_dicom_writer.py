@@ -301,3 +301,68 @@ def test_writer_options_are_checked() -> None:
         WriterOptions(jpeg_quality=0)
     with pytest.raises(ValueError, match="compression"):
         WriterOptions(compression="webp")  # type: ignore[arg-type]
+
+
+# ---- large levels: offset table and memory ------------------------------------------------------
+
+
+def test_extended_offset_table_when_frames_pass_the_basic_table_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Levels whose encoded frames pass 4 GiB get an empty BOT and an Extended Offset Table;
+    the limit is lowered here so that a small slide takes that path."""
+    import daemons.microscope.wsi.dicom_writer as writer
+
+    monkeypatch.setattr(writer, "_MAX_ITEM_LENGTH", 60_000)
+    series = write_series(LEVELS, METADATA, tmp_path)
+    ds = dcmread(series.paths[0])
+    assert "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds
+    offsets = np.frombuffer(ds.ExtendedOffsetTable, dtype="<u8")
+    lengths = np.frombuffer(ds.ExtendedOffsetTableLengths, dtype="<u8")
+    assert len(offsets) == ds.NumberOfFrames
+    np.testing.assert_array_equal(offsets[1:], np.cumsum(lengths + 8)[:-1])
+    small = dcmread(series.paths[2])
+    assert "ExtendedOffsetTable" not in small  # a small level keeps the Basic Offset Table
+    for path in series.paths[:2]:
+        assert [f for f in run_dciodvfy(path) if f.fatal] == []
+    for got, want in zip(_decoded_tiles(series.paths[0]), LEVELS[0].tiles(), strict=True):
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < JPEG_MEAN_ERROR_MAX
+    with openslide.OpenSlide(str(series.paths[0])) as slide:
+        assert slide.level_count == 3
+
+
+@dataclass(frozen=True)
+class GeneratedLevel:
+    """A level whose tiles are made on demand: the whole level never exists in memory."""
+
+    width: int
+    height: int
+    tile_size: int = 256
+    pixel_spacing_um: float = 0.25
+
+    def tiles(self) -> Iterator[RgbImage]:
+        rng = np.random.default_rng(3)
+        columns = -(-self.width // self.tile_size)
+        rows = -(-self.height // self.tile_size)
+        for _ in range(columns * rows):
+            yield rng.integers(0, 256, (self.tile_size, self.tile_size, 3), dtype=np.uint8)
+
+
+def _peak_write_memory(level: GeneratedLevel, directory: Path) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        write_series([level], METADATA, directory, WriterOptions(overview_max_side=256))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_level(tmp_path: Path) -> None:
+    """Peak Python/numpy allocation is a few tiles whatever the level size (4x the pixels
+    here); the 4096^2 level alone would be 48 MiB decoded."""
+    small = _peak_write_memory(GeneratedLevel(2048, 2048), tmp_path / "small")
+    large = _peak_write_memory(GeneratedLevel(4096, 4096), tmp_path / "large")
+    assert large < small * 1.25 + 2**20, (small, large)
+    assert large < 4 * 2**20, large
