@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import platform
 import sys
 import time
@@ -111,8 +112,10 @@ async def link_loss(trials: int) -> tuple[list[float], list[float]]:
             await wait_for(lambda: bool(stopped_at))
             to_command.append(stopped_at[0] - cut)
             await asyncio.sleep(0.4)
-            moving = [s.time for s in m.sim.motion_log if s.time > cut and any(s.velocities)]
-            to_rest.append((max(moving) if moving else cut) - cut)
+            log_after = [s for s in m.sim.motion_log if s.time > cut]
+            moved = [after.time for before, after in itertools.pairwise(log_after)
+                     if after.positions != before.positions]
+            to_rest.append((max(moved) if moved else cut) - cut)
             m.loop.disarm("bench")
     return to_command, to_rest
 
