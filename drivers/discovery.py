@@ -23,6 +23,9 @@ from typing import Literal
 from drivers import cms50, modbus_device
 from drivers.modbus_device import RegisterMap
 from medge.config import bounds
+from medge.log import get_logger
+
+log = get_logger(component="discovery")
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,8 @@ class Discovery:
         """Identified devices by :attr:`PortInfo.key`."""
         self.unidentified: set[str] = set()
         """Ports probed without success; probed again only after they disappear and return."""
+        self.probe_failures = 0
+        """Probes that raised instead of answering (driver bugs, odd ports): a health figure."""
         names = {p.name for p in self.probes}
         for pin in self.settings.pins:
             if pin.driver not in names:
@@ -275,7 +280,13 @@ class Discovery:
             if pin.matches(port):
                 return Found(port, pin.driver, None)
         for candidate in self.candidates(port):
-            identified = await candidate.probe(port.device, self.settings.probe_timeout)
+            try:
+                identified = await candidate.probe(port.device, self.settings.probe_timeout)
+            except Exception as exc:  # one driver's probe bug must not hide the other devices
+                log.warning("probe failed", driver=candidate.name, port=port.device,
+                            error=repr(exc))
+                self.probe_failures += 1
+                continue
             if identified is not None:
                 return Found(port, candidate.name, identified)
         return None

@@ -207,6 +207,22 @@ async def test_pins_bind_ports_without_probing(system: FakeSystem) -> None:
     ]
 
 
+async def test_a_probe_that_raises_does_not_stop_discovery(system: FakeSystem) -> None:
+    system.plug_usb("ttyUSB0", CP210X, serial="A")
+    usb0 = str(system.dev / "ttyUSB0")
+
+    async def broken(url: str, answer_within: float) -> Identified | None:
+        raise RuntimeError("driver bug")
+
+    recorder = Recorder({"oximeter": {usb0}})
+    discovery = Discovery([DriverProbe("broken", frozenset({CP210X}), broken),
+                           recorder.probe("oximeter", frozenset({CP210X}))],
+                          sysfs=system.sysfs, dev=system.dev)
+    (added,) = await discovery.scan()
+    assert added.found.driver == "oximeter"
+    assert discovery.probe_failures == 1
+
+
 def test_pin_to_unknown_driver_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown driver 'nonin'"):
         Discovery([], DiscoveryConfig(pins=(Pin("nonin", port="/dev/ttyUSB0"),)))
