@@ -139,14 +139,19 @@ class Gateway:
         ctx = Context(device_ref=_device_ref(runner, m), patient=self._subject(runner, m),
                       clock_offset_s=offset, clock_skewed=tracker.skewed,
                       extra_codes=self.codes[name])
-        for body in to_observations(m, ctx, with_samples=with_waveform or not _streaming(m)):
-            try:
-                record = await self.rt.emit(name, "obs", body)
-            except OutboxError as exc:
+        bodies = to_observations(m, ctx, with_samples=with_waveform or not _streaming(m))
+        # Appended together, the observations of one measurement share one outbox commit:
+        # a power cut stores all of them or none.
+        outcomes = await asyncio.gather(*(self.rt.emit(name, "obs", body) for body in bodies),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, OutboxError):
                 self._log.error("observation refused by the outbox", device=name,
-                                error=str(exc))
-                continue
-            self.board.emitted(name, record.seq, taken_at)
+                                error=str(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.board.emitted(name, outcome.seq, taken_at)
 
     @staticmethod
     def _due(last: dict[str, datetime], name: str, interval: float, now: datetime) -> bool:

@@ -52,8 +52,8 @@ class DeviceSection:
     clock_skew_s: float = field(default=300.0, metadata=bounds(min=1))
     """Clock error above which observations are tagged ``clock-skew`` and a technical alert
     is raised (times are still kept and nothing is reordered)."""
-    stale_warn_min: float = field(default=15.0, metadata=bounds(min=0.1))
-    stale_urgent_min: float = field(default=30.0, metadata=bounds(min=0.1))
+    stale_warn_min: float = field(default=15.0, metadata=bounds(min=0.01))
+    stale_urgent_min: float = field(default=30.0, metadata=bounds(min=0.01))
     obs_interval_s: float | None = field(default=None, metadata=bounds(min=0))
     """Publish a streaming device's values at most this often (default 60 s for oximeters
     and ventilators, every measurement otherwise); alert rules still see every sample."""
