@@ -66,7 +66,8 @@ def test_config_check_reports_each_bad_file_and_exits_2(tmp_path: Path) -> None:
 def test_run_with_bad_config_exits_2_before_starting(tmp_path: Path) -> None:
     result = medge("run", "gateway", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"medge run gateway: {tmp_path / 'missing.toml'}: file not found"
+    missing = tmp_path / "missing.toml"
+    assert result.stderr.strip() == f"medge run gateway: {missing}: file not found"
 
 
 def test_sim_prints_its_pty_path_first_and_stops_on_sigterm() -> None:
