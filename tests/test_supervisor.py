@@ -180,7 +180,7 @@ def test_delayed_setpoints_scale_speed_then_stop() -> None:
     assert Reason.COMMAND_STALE in out.status.reasons and not out.status.moving
 
 
-def test_reordered_replayed_and_badly_stamped_setpoints_are_dropped() -> None:
+def test_reordered_replayed_malformed_and_badly_stamped_setpoints_are_dropped() -> None:
     rig = Rig()
     rig.arm()
     rig.drive(10)
@@ -195,8 +195,15 @@ def test_reordered_replayed_and_badly_stamped_setpoints_are_dropped() -> None:
     assert rig.sup.submit(from_the_future) is Reason.SENDER_CLOCK_INVALID
     not_a_time = dataclasses.replace(rig.setpoint(), sent_at=math.nan)
     assert rig.sup.submit(not_a_time) is Reason.SENDER_CLOCK_INVALID
+    nan_twist = rig.setpoint(twist=Twist((math.nan, 0, 0), (0, 0, 0)))
+    assert rig.sup.submit(nan_twist) is Reason.SETPOINT_INVALID
+    inf_pose = rig.setpoint(twist=None, pose=ProbePose(0, 0, -math.inf, 0, 0))
+    assert rig.sup.submit(inf_pose) is Reason.SETPOINT_INVALID
+    both = rig.setpoint(pose=ProbePose(0, 0, -0.2, 0, 0))
+    assert rig.sup.submit(both) is Reason.SETPOINT_INVALID
     out = rig.cycle()
-    assert out.status.dropped_setpoints == 5
+    assert all(math.isfinite(q) for q in out.joint_goals)
+    assert out.status.dropped_setpoints == 8
     assert Reason.SETPOINT_OUT_OF_ORDER in out.status.reasons
 
 

@@ -65,6 +65,8 @@ class Reason(enum.Enum):
     """Setpoint older than 250 ms or 3 setpoints missed: controlled stop."""
     COMMAND_LOST = "command_lost"
     """No setpoint for over 1 s: disarmed, re-arm required."""
+    SETPOINT_INVALID = "setpoint_invalid"
+    """Non-finite numbers, or both a twist and a pose target: dropped."""
     SETPOINT_OUT_OF_ORDER = "setpoint_out_of_order"
     SENDER_CLOCK_INVALID = "sender_clock_invalid"
     FOREIGN_OPERATOR = "foreign_operator"
@@ -305,6 +307,12 @@ class Supervisor:
         return Reason.OK
 
     def _check_order(self, setpoint: Setpoint) -> Reason:
+        if setpoint.twist is not None and setpoint.pose is not None:
+            return Reason.SETPOINT_INVALID
+        numbers = [*(setpoint.twist.linear + setpoint.twist.angular if setpoint.twist else ()),
+                   *(setpoint.pose or ())]
+        if not all(math.isfinite(n) for n in numbers):
+            return Reason.SETPOINT_INVALID
         if not (math.isfinite(setpoint.sent_at) and math.isfinite(setpoint.received_at)):
             return Reason.SENDER_CLOCK_INVALID
         previous = self._latest
