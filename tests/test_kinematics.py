@@ -18,6 +18,7 @@ from daemons.manipulator.kinematics import (
 )
 from firmware_sim.dynamixel import DynamixelSim
 from firmware_sim.probe_world import ProbeWorld
+from medge.config import ConfigError, from_mapping
 
 KIN = HolderKinematics()
 G = KIN.geometry
@@ -125,3 +126,13 @@ def test_bad_geometry_and_box_are_refused() -> None:
     box = WorkspaceBox()
     assert box.outside((0.0, 0.0, -0.2)) == []
     assert box.outside((0.095, 0.0, -0.2), margin=0.01) == [0]
+
+
+def test_geometry_loads_from_config_with_clear_errors() -> None:
+    geometry = from_mapping({"tip_length_m": 0.2, "lower": [-0.1, -0.1, -0.1, -0.5, -0.5]},
+                            HolderGeometry, source="manipulator.toml")
+    assert geometry.tip_length_m == 0.2 and geometry.lower[0] == -0.1
+    with pytest.raises(ConfigError, match="manipulator.toml: .*lower needs 5 values, got 2"):
+        from_mapping({"lower": [-1, -1]}, HolderGeometry, source="manipulator.toml")
+    with pytest.raises(ConfigError, match="tip_length_m"):
+        from_mapping({"tip_length_m": -1}, HolderGeometry, source="manipulator.toml")

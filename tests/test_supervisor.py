@@ -23,6 +23,7 @@ from daemons.manipulator.supervisor import (
     SupervisorConfig,
 )
 from drivers.force_sensor import FLAG_BRIDGE_FAULT, ForceReading
+from medge.config import ConfigError, from_mapping
 
 HOME = (0.0, 0.0, 0.0, 0.0, 0.0)
 HEALTHY = (0, 0, 0, 0, 0)
@@ -370,3 +371,7 @@ def test_config_is_validated() -> None:
         SupervisorConfig(force_warn_n=30.0)
     with pytest.raises(ValueError, match="stopping distance"):
         SupervisorConfig(workspace_margin_m=0.0001)
+    with pytest.raises(ConfigError, match="exam.toml: joint_margin needs 5 values"):
+        from_mapping({"joint_margin": [0.01, 0.01]}, SupervisorConfig, source="exam.toml")
+    exam = from_mapping({"force_warn_n": 8.0, "force_stop_n": 12.0}, SupervisorConfig)
+    assert (exam.force_warn_n, exam.force_stop_n) == (8.0, 12.0)  # a gentler exam profile

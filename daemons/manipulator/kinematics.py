@@ -87,6 +87,8 @@ class HolderGeometry:
     upper: tuple[float, float, float, float, float] = (0.08, 0.08, 0.08, 0.6, 0.6)
 
     def validate(self) -> None:
+        for label, values in (("lower", self.lower), ("upper", self.upper)):
+            _require_length(label, values, len(JOINT_NAMES))
         for name, low, high in zip(JOINT_NAMES, self.lower, self.upper, strict=True):
             if not low < high:
                 raise ValueError(f"joint {name}: lower limit {low} must be below upper {high}")
@@ -105,6 +107,8 @@ class WorkspaceBox:
     upper: tuple[float, float, float] = (0.10, 0.10, -0.10)
 
     def __post_init__(self) -> None:
+        _require_length("lower", self.lower, 3)
+        _require_length("upper", self.upper, 3)
         if not all(lo < hi for lo, hi in zip(self.lower, self.upper, strict=True)):
             raise ValueError(f"workspace box lower {self.lower} must be below upper {self.upper}")
 
@@ -184,6 +188,11 @@ class HolderKinematics:
     def servo_to_joints(self, angles: Sequence[float]) -> tuple[float, ...]:
         r = self.geometry.pinion_radius_m
         return angles[0] * r, angles[1] * r, angles[2] * r, angles[3], angles[4]
+
+
+def _require_length(label: str, values: Sequence[float], length: int) -> None:
+    if len(values) != length:
+        raise ValueError(f"{label} needs {length} values, got {len(values)}")
 
 
 def _triple(a: Vector3, b: Vector3, c: Vector3) -> float:

@@ -140,6 +140,10 @@ class SupervisorConfig:
     retract_distance_m: float = field(default=0.01, metadata=bounds(min=0.0))
 
     def validate(self) -> None:
+        for label, values in (("max_joint_speed", self.max_joint_speed),
+                              ("joint_margin", self.joint_margin)):
+            if len(values) != _POSE_DIMENSIONS or min(values) < 0:
+                raise ValueError(f"{label} needs {_POSE_DIMENSIONS} values >= 0, got {values}")
         if not 0 < self.fresh_s < self.stale_s < self.lost_s:
             raise ValueError("command ages must satisfy 0 < fresh_s < stale_s < lost_s")
         if not self.force_warn_n < self.force_stop_n <= self.force_plausible_max_n:
