@@ -28,10 +28,13 @@ from medge.config import bounds
 from medge.log import StateLog
 from medge.settings import check_topic_level
 
-DriverName = Literal["cms50", "cms50-legacy", "urine-astm", "urine-printout", "modbus"]
+DriverName = Literal["cms50", "cms50-legacy", "urine-astm", "urine-printout", "uroflow",
+                     "modbus"]
 
 ASTM_SETTINGS = SerialSettings(9600, 8, "N", 1)
 PRINTOUT_SETTINGS = SerialSettings(9600, 8, "N", 1)
+UROFLOW_SETTINGS = SerialSettings(115200, 8, "N", 1)
+"""docs/uroflow.md: USB CDC, 115200 8N1 suggested."""
 CONTINUOUS_DRIVERS = frozenset({"cms50", "cms50-legacy", "modbus"})
 """Streaming devices: their routine observations are thinned to ``obs_interval_s``."""
 
@@ -120,6 +123,10 @@ def open_driver(cfg: DeviceSection) -> Opened:
         from drivers.urine_printout import PrintoutUrineAnalyzer
 
         return PRINTOUT_SETTINGS, lambda link: PrintoutUrineAnalyzer(link).measurements()
+    if cfg.driver == "uroflow":
+        from drivers.uroflow import UroflowScale
+
+        return UROFLOW_SETTINGS, lambda link: UroflowScale(link).measurements()
     from drivers.modbus_device import ModbusDevice, load_map
 
     assert cfg.map is not None  # validate() guarantees it
