@@ -62,6 +62,8 @@ class GrblConfig:
 
     poll_hz: float = 5.0
     """Status polling rate (GRBL's documentation: no more than 5 Hz on 8-bit boards)."""
+    predict_motion_end: bool = True
+    """Poll at the end of each move predicted from $110-$122, not only at ``poll_hz``."""
     settle_poll_hz: float = 50.0
     """Polling rate once a move is predicted to have ended, until Idle is seen."""
     reply_timeout_s: float = 2.0
@@ -451,9 +453,11 @@ class GrblStage(Stage):
         await self._wait_for(entry.future.done, deadline, f"a reply to {entry.line!r}")
         return entry.future.result()
 
-    async def _await_status(self, deadline: float | None = None) -> Status:
+    async def _await_status(self, deadline: float | None = None, prompt: bool = True) -> Status:
+        """The next status report; ``prompt`` asks for it now instead of at the next poll."""
         seq = self._status_seq
-        self._poll_wake.set()
+        if prompt:
+            self._poll_wake.set()
         await self._wait_for(lambda: self._status_seq > seq, deadline, "a status report")
         assert self.status is not None
         return self.status
@@ -606,7 +610,7 @@ class GrblStage(Stage):
     def _predict_motion_end(self, start: XYZ, target: XYZ) -> None:
         rates = XYZ(*(self.settings.get(110 + i, 0.0) for i in range(3)))
         accels = XYZ(*(self.settings.get(120 + i, 0.0) for i in range(3)))
-        if min(rates) <= 0 or min(accels) <= 0:
+        if not self.config.predict_motion_end or min(rates) <= 0 or min(accels) <= 0:
             return
         delta = XYZ(*((t - s) / 1000 for s, t in zip(start, target, strict=True)))
         begin = max(time.monotonic(), self._motion_end or 0.0)
@@ -636,8 +640,10 @@ class GrblStage(Stage):
         alarms = self._alarm_seq
         await self._wait_for(lambda: not self._pending, deadline, "the queued lines' replies")
         planner_blocks = self.build.planner_blocks if self.build else None
+        prompt = True  # one fresh report now, then the poller's own cadence
         while True:
-            status = await self._await_status(deadline)
+            status = await self._await_status(deadline, prompt)
+            prompt = False
             if self._alarm_seq != alarms and self.alarm is not None:
                 raise self.alarm
             if status.state == "Alarm":

@@ -138,6 +138,8 @@ class GrblMachine:
         self.replies_flowing.set()
         self.resets = 0
         self.max_rx_used = 0
+        self.motion_time_s = 0.0
+        """Simulated seconds spent executing completed blocks: the motion profiles' own time."""
         self.rx_overflows = 0
         self.motor: list[float] = [0.0, 0.0, 0.0]
         self.carriage: list[float] = [0.0, 0.0, 0.0]
@@ -313,6 +315,7 @@ class GrblMachine:
                 return
             self.motor = list(block.end)
             self.carriage = list(self._carriage_during(block, block.end))
+            self.motion_time_s += block.profile.duration
             self.current = None
             if self._state == "Hold":
                 if self.hold_cancels_jog:
