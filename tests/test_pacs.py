@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
-from daemons.microscope.wsi.dicom_writer import WrittenSeries, write_series
+from daemons.microscope.wsi.dicom_writer import WriterOptions, WrittenSeries, write_series
 from daemons.microscope.wsi.model import SlideMetadata
 from medge.config import ConfigError, Secret, from_mapping, load
 from medge.pacs.base import (
@@ -24,7 +28,8 @@ from medge.pacs.base import (
 from medge.pacs.config import Destination, PacsConfig, RetryPolicy
 from medge.pacs.delivery import Progress, SpoolDelivery
 from medge.pacs.spool import MANIFEST, Spool, SpoolError, SpoolJob, job_id_for
-from tests.fixtures.orthanc import Orthanc
+from medge.pacs.stow import StowSender
+from tests.fixtures.orthanc import Orthanc, require_orthanc
 from tests.fixtures.wsi_pyramid import pyramid, synthetic_slide
 
 FAST_RETRY = RetryPolicy(initial_s=0.05, factor=2.0, max_s=0.5)
@@ -285,8 +290,6 @@ async def test_daemon_loop_delivers_queued_jobs_and_stops(
 
 
 async def test_run_blocking_joins_its_thread_even_when_cancelled() -> None:
-    import threading
-
     release = threading.Event()
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -417,3 +420,126 @@ async def test_pacs_down_is_retried_and_delivered_when_it_returns(
         i.sop_instance_uid for i in written.instances
     }
     assert Spool(tmp_path / "spool").jobs() == []
+
+
+async def test_transfer_syntax_the_pacs_refuses_is_a_permanent_error(tmp_path: Path) -> None:
+    """A PACS that accepts only Explicit VR Little Endian refuses the JPEG context: permanent
+    error, data kept; the lossless variant of a slide still goes through."""
+    require_orthanc()
+    pacs = Orthanc(tmp_path / "orthanc",
+                   extra_config={"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.1"]})
+    pacs.start()
+    try:
+        jpeg = new_series(tmp_path / "jpeg", seed=16)
+        refused = r"refused SOP class .* with 1\.2\.840\.10008\.1\.2\.4\.50"
+        with pytest.raises(PermanentPacsError, match=refused):
+            await deliver_to(dimse(pacs), jpeg.paths, tmp_path / "spool")
+        [kept] = Spool(tmp_path / "spool").jobs()
+        assert kept.state == "failed" and len(kept.pending) == len(jpeg.paths)
+        metadata = SlideMetadata(patient_id="P", accession_number="A", barcode="B")
+        lossless = write_series(pyramid(synthetic_slide(300, 200), tile_size=128), metadata,
+                                tmp_path / "raw", WriterOptions(compression="none"))
+        await deliver_to(dimse(pacs), lossless.paths, tmp_path / "spool-raw")
+        assert len(pacs.instance_uids(lossless.series_instance_uid)) == len(lossless.paths)
+    finally:
+        pacs.stop()
+
+
+# ---- STOW-RS response handling against a scripted HTTP server -----------------------------------
+
+
+@dataclass
+class StowServer:
+    """Answers each POST with the next scripted (status, body); records what it received."""
+
+    responses: list[tuple[int, bytes]]
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    port: int = 0
+
+
+@pytest.fixture
+def stow_server() -> Iterator[StowServer]:
+    script = StowServer([])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            script.requests.append((dict(self.headers), body))
+            status, payload = script.responses.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            """Quiet."""
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    script.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, name="stow-test-server")
+    thread.start()
+    try:
+        yield script
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def stow_result(referenced: list[str], failed: list[tuple[str, int]] | None = None) -> bytes:
+    result: dict[str, object] = {
+        "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}}
+                                             for uid in referenced]},
+        "00081198": {"vr": "SQ"} if not failed else {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [code]}}
+            for uid, code in failed]},
+    }
+    return json.dumps(result).encode()
+
+
+@pytest.fixture
+def instance(series: WrittenSeries) -> InstanceRef:
+    first = series.instances[0]
+    return InstanceRef(first.path, "1.2.840.10008.5.1.4.1.1.77.1.6", first.sop_instance_uid,
+                       "1.2.840.10008.1.2.4.50")
+
+
+def bearer_sender(port: int, tmp_path: Path) -> StowSender:
+    token = Secret.read(secret(tmp_path / "token", "tok-123"))
+    return StowSender("web", Destination("stow", url=f"http://127.0.0.1:{port}/dicom-web",
+                                         token_file=token, timeout_s=10))
+
+
+async def test_stow_sends_multipart_with_bearer_token(
+    stow_server: StowServer, instance: InstanceRef, tmp_path: Path
+) -> None:
+    stow_server.responses.append((200, stow_result([instance.sop_instance_uid])))
+    await bearer_sender(stow_server.port, tmp_path).store(instance)
+    headers, body = stow_server.requests[0]
+    assert headers["Authorization"] == "Bearer tok-123"
+    assert headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
+    boundary = headers["Content-Type"].split("boundary=")[1]
+    part = body.split(f"--{boundary}\r\n".encode())[1].split(b"\r\n\r\n", 1)[1]
+    assert part[:-len(f"\r\n--{boundary}--\r\n")] == instance.path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "error", "message"),
+    [
+        (503, b"", TransientPacsError, "HTTP 503"),
+        (401, b"", PermanentPacsError, "authentication refused"),
+        (400, b"bad", PermanentPacsError, "HTTP 400"),
+        (200, b"<html>", PermanentPacsError, "not JSON"),
+        (200, stow_result([]), PermanentPacsError, "not confirmed"),
+        (409, stow_result([], [("X", 0xC000)]), PermanentPacsError, "FailureReason 49152"),
+        (202, stow_result([], [("X", 0xA700)]), TransientPacsError, "FailureReason 42752"),
+    ],
+)
+async def test_stow_response_handling(
+    stow_server: StowServer, instance: InstanceRef, tmp_path: Path,
+    status: int, payload: bytes, error: type[PacsError], message: str,
+) -> None:
+    stow_server.responses.append((status, payload))
+    with pytest.raises(error, match=message):
+        await bearer_sender(stow_server.port, tmp_path).store(instance)

@@ -92,6 +92,11 @@ class CStoreSender(PacsSender):
             if result == REJECT_PERMANENT:
                 raise PermanentPacsError(message + " (permanent; check the AE titles in config)")
             raise TransientPacsError(message + " (transient)")
+        if association.rejected_contexts and not association.accepted_contexts:
+            refused = ", ".join(sorted({f"{i.sop_class_uid} with {i.transfer_syntax_uid}"
+                                        for i in instances}))
+            raise PermanentPacsError(f"{self.where()}: {target} refused SOP class {refused}"
+                                     " (no presentation context accepted)")
         raise TransientPacsError(f"{self.where()}: cannot associate with {target}:"
                                  " connection refused, aborted or timed out")
 
