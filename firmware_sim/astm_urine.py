@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from firmware_sim.link import DeviceLink, Handler
-from firmware_sim.sim_options import non_negative
+from firmware_sim.sim_options import ends_on_unplug, non_negative
 from firmware_sim.urine_strip import PadResult, StripAnalyzer, add_strip_arguments
 
 HELP = "urine strip analyzer sending ASTM E1381/E1394 results (instrument side)"
@@ -123,6 +123,7 @@ class AstmUrineDevice:
     def _message(self, pads: list[PadResult], moment: datetime, number: int) -> list[bytes]:
         return strip_message(self.serial, number, moment, pads)
 
+    @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
         inbox = _Inbox(link)
         memory = self.strips.memory

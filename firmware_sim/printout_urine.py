@@ -17,7 +17,7 @@ import contextlib
 from datetime import datetime
 
 from firmware_sim.link import DeviceLink, Handler
-from firmware_sim.sim_options import non_negative
+from firmware_sim.sim_options import ends_on_unplug, non_negative
 from firmware_sim.urine_strip import PadResult, StripAnalyzer, add_strip_arguments
 
 HELP = "urine strip analyzer printing its report between STX and ETX (Consult 120, Clinitek 50)"
@@ -101,6 +101,7 @@ class PrintoutUrineDevice:
             return clinitek50_report(pads, moment, number, colour)
         return consult120_report(pads, moment, number)
 
+    @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
         naks = asyncio.Queue[None]()
         listener = asyncio.create_task(self._listen(link, naks))

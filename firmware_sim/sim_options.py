@@ -1,9 +1,31 @@
-"""Argument types shared by the home-gateway device simulators' ``--help``-documented options."""
+"""Small pieces shared by the home-gateway device simulators: option types, session ending."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from firmware_sim.link import DeviceLink
+
+Device = TypeVar("Device")
+
+
+def ends_on_unplug(
+    session: Callable[[Device, DeviceLink], Coroutine[Any, Any, None]],
+) -> Callable[[Device, DeviceLink], Coroutine[Any, Any, None]]:
+    """Let a device session end quietly when the host goes away, even mid-write (a TCP reset
+    surfaces as ConnectionResetError rather than HostDisconnected)."""
+
+    @functools.wraps(session)
+    async def serve(device: Device, link: DeviceLink) -> None:
+        with contextlib.suppress(ConnectionError):
+            await session(device, link)
+
+    return serve
 
 
 def positive(text: str) -> float:

@@ -83,10 +83,15 @@ class StripAnalyzer(Generic[Rendered]):
         return float(self._next - time.monotonic())
 
     def read_due_strips(self) -> None:
-        while time.monotonic() >= self._next:
+        """Read the strips due by now; beyond what memory holds they would be lost anyway."""
+        late = time.monotonic() - self._next
+        if late < 0:
+            return
+        due = int(late // self.every) + 1
+        for _ in range(min(due, self.memory.maxlen or due)):
             self.count += 1
             self.memory.append(self._render(random_strip(self.rng), self.device_now(), self.count))
-            self._next += self.every
+        self._next += due * self.every
 
 
 def add_strip_arguments(parser: argparse.ArgumentParser, clock_note: str = "") -> None:

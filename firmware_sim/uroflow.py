@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from firmware_sim.link import DeviceLink, Handler
-from firmware_sim.sim_options import add_clock_offset, non_negative, positive
+from firmware_sim.sim_options import add_clock_offset, ends_on_unplug, non_negative, positive
 
 HELP = "uroflowmetry scale streaming load-cell weight lines ($UFW/$UFT, >= 10 Hz)"
 
@@ -134,6 +134,7 @@ class UroflowScaleDevice:
         return nmea_line(f"UFT,{self.tick()},{self.device_time():%Y%m%d%H%M%S},"
                          f"{self.serial},{self.rate:g}")
 
+    @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
         period = 1.0 / self.rate
         wall_start, device_start = time.monotonic(), self.t
