@@ -59,6 +59,12 @@ def underway(stage: GrblStage) -> bool:
     return stage.status is not None and stage.status.state == "Run" and stage.position_um.x < -3000
 
 
+async def start_long_move(stage: GrblStage) -> None:
+    await stage.home()
+    await stage.move_to(x=-30000, wait=False)
+    await eventually(lambda: underway(stage))
+
+
 async def fake_device(script: Callable[[DeviceLink], Awaitable[None]]) -> SimulatorServer:
     async def handler(link: DeviceLink) -> None:
         with contextlib.suppress(HostDisconnected):
@@ -94,6 +100,18 @@ async def test_connect_over_a_pty() -> None:
 
 SETTINGS = {10: 1, 13: 0, 20: 0, 22: 0, 110: 500, 111: 500, 112: 500, 120: 10, 121: 10,
             122: 10, 130: 200, 131: 200, 132: 200}
+
+
+async def test_without_a_banner_the_driver_soft_resets() -> None:
+    machine = GrblMachine(time_scale=20)
+    async with SimulatorServer(serve(machine), Endpoint.parse("pty")) as server:
+        async with GrblStage(server.address, FAST) as stage:
+            await stage.home()
+        resets = machine.resets
+        async with GrblStage(server.address, FAST) as stage:  # same session: no power-up banner
+            assert machine.resets == resets + 1  # woken with "\r\n\r\n" + Ctrl-X
+            assert stage.status is not None and stage.status.state == "Idle"
+            assert stage.position_lost  # a new connection never trusts the old position
 
 
 async def scripted_grbl(link: DeviceLink) -> None:
@@ -237,9 +255,7 @@ async def test_jog_and_jog_cancel() -> None:
 
 async def test_feed_hold_and_resume() -> None:
     async with rig(time_scale=2) as (stage, machine, _):
-        await stage.home()
-        await stage.move_to(x=-30000, wait=False)
-        await eventually(lambda: underway(stage))
+        await start_long_move(stage)
         await stage.feed_hold()
         await eventually(lambda: stage.status is not None and stage.status.state == "Hold"
                          and stage.status.substate == 0)
@@ -274,9 +290,7 @@ async def test_character_counting_never_overflows_the_rx_buffer() -> None:
 
 async def test_stop_during_a_move_keeps_the_position() -> None:
     async with rig(time_scale=2) as (stage, _machine, _):
-        await stage.home()
-        await stage.move_to(x=-30000, wait=False)
-        await eventually(lambda: underway(stage))
+        await start_long_move(stage)
         await stage.stop()
         assert not stage.position_lost
         await stage.wait_until_idle(timeout=5)
@@ -337,9 +351,7 @@ async def test_soft_limit_alarm_is_reset_and_unlocked() -> None:
 
 async def test_reset_during_motion_loses_the_position_until_rehomed() -> None:
     async with rig(time_scale=2) as (stage, machine, _):
-        await stage.home()
-        await stage.move_to(x=-30000, wait=False)
-        await eventually(lambda: underway(stage))
+        await start_long_move(stage)
         await stage.soft_reset()
         await eventually(lambda: stage.alarm is not None)
         assert stage.alarm is not None and stage.alarm.code == 3
