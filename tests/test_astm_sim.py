@@ -88,10 +88,14 @@ def test_clock_offset_beyond_the_calendar_is_refused() -> None:
         sim_args("--clock-offset", str(9000 * 365 * 86400))
 
 
-async def test_corrupted_line_delivers_strips_intact_in_order() -> None:
+@pytest.mark.parametrize(
+    "faults",
+    [Faults(corrupt_rate=0.002, seed=11), Faults(drop_rate=0.002, seed=12)],
+    ids=["corrupt", "drop"],
+)
+async def test_faulty_line_delivers_strips_intact_in_order(faults: Faults) -> None:
     """Bad frames are NAKed and re-sent. The E1381 byte-sum checksum cannot see two flips that
     cancel out; such a message is then rejected by the record parser, counted, never altered."""
-    faults = Faults(corrupt_rate=0.002, seed=11)
     device = astm_urine.AstmUrineDevice(sim_args("--every", "0.1"))
     async with connected(device, faults=faults) as link:
         analyzer = AstmUrineAnalyzer(link, timers=FAST)
@@ -108,6 +112,20 @@ async def test_corrupted_line_delivers_strips_intact_in_order() -> None:
         got = [(r.components(3)[3], r.field(4)) for r in parse_records(measurement.raw)
                if r.type == "R"]
         assert got == sent
+
+
+async def test_stalled_analyzer_recovers_without_losing_a_strip() -> None:
+    faults = Faults()
+    device = astm_urine.AstmUrineDevice(sim_args("--every", "60"))
+    async with connected(device, faults=faults) as link:
+        assert await link.read_exactly(1, timeout=5) == ENQ
+        faults.stall()  # hung firmware: our ACK is lost, the analyzer says nothing more
+        await link.write(ACK)
+        with pytest.raises(TimeoutError):
+            await link.read(timeout=0.5)
+        faults.stall(False)
+        (measurement,) = await take(AstmUrineAnalyzer(link, timers=FAST), 1)
+    assert specimen(measurement) == "S0001"
 
 
 async def test_unplug_mid_session_then_replug_delivers_the_strip() -> None:
