@@ -224,6 +224,18 @@ def test_second_operator_is_refused_and_reported() -> None:
     assert rig.sup.arm("mallory", rig.joints()).granted  # the lease is free again
 
 
+def test_disarm_and_rearm_mid_motion_never_steps_the_velocity() -> None:
+    rig = Rig()
+    rig.arm()
+    rig.drive(50)
+    assert rig.sup.disarm("alice").granted
+    rig.drive(3)
+    rig.arm()  # still decelerating: carries on from the commanded rate
+    out = rig.drive(60)
+    assert out.status.moving and out.pose_rates[0] == pytest.approx(0.02)
+    assert_smooth(rig.outputs, rig.sup.config)
+
+
 def test_joint_limit_margin_stops_before_the_limit() -> None:
     rig = Rig()
     rig.arm()

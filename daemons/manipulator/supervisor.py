@@ -245,15 +245,20 @@ class Supervisor:
     # --- requests -------------------------------------------------------------------------
 
     def arm(self, operator: str, measured_joints: Sequence[float]) -> Decision:
-        """Grant the lease to ``operator``; the commanded pose restarts from the measured one."""
+        """Grant the lease to ``operator``.
+
+        At rest the commanded pose restarts from the measured one; while a stop is still
+        decelerating it carries on from the commanded pose and rate, so arming never steps.
+        """
         if self.state is ArmState.ESTOP:
             assert self.estop_reason is not None
             return Decision(False, self.estop_reason)
         if self.operator not in (None, operator):
             self._events.add(Reason.FOREIGN_OPERATOR)
             return Decision(False, Reason.FOREIGN_OPERATOR)
+        if self.state is ArmState.DISARMED and not any(self._rates):
+            self._restart_from(measured_joints)
         self.state, self.operator = ArmState.ARMED, operator
-        self._restart_from(measured_joints)
         return Decision(True, Reason.OK)
 
     def disarm(self, operator: str) -> Decision:
