@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from drivers.grbl_protocol import (
+    BANNER_RE,
     DEFAULT_RX_BUFFER,
     LINE_MAX_SIGNIFICANT,
     BuildInfo,
@@ -218,8 +219,9 @@ class GrblStage(Stage):
                         b"\n", timeout=max(0.0, deadline - time.monotonic()), limit=512
                     )
                     line = raw.decode("ascii", errors="replace").strip()
-                    if line.startswith("Grbl"):
-                        parse_banner(line)
+                    if BANNER_RE.fullmatch(line):
+                        parse_banner(line)  # refuses other versions
+                        self._last_rx = time.monotonic()
                         return
                     if line:
                         received.append(line)
@@ -409,10 +411,21 @@ class GrblStage(Stage):
     # -- waiting ---------------------------------------------------------------------------
 
     async def _wait_for(
-        self, done: Callable[[], bool], deadline: float | None, what: str
+        self,
+        done: Callable[[], bool],
+        what: str,
+        *,
+        deadline: float | None = None,
+        liveness: bool = True,
+        deadline_drops_link: bool = True,
     ) -> None:
-        """Wait until ``done()``. With a deadline, a miss is the caller's timeout; without,
-        the controller must keep talking (status reports) or it is declared stalled."""
+        """Wait until ``done()``.
+
+        ``liveness``: the controller must keep talking (the poller's status reports); silence
+        for ``reply_timeout_s`` means it hung, so the link is dropped and re-opened.
+        ``deadline``: when an answer is due; missing it drops the link too, unless it is only
+        the caller's patience (``deadline_drops_link=False``, e.g. ``wait_until_idle``).
+        """
         while not done():
             if not self._link_up:
                 raise StageDisconnected(f"{self.url}: disconnected while waiting for {what}")
@@ -423,16 +436,22 @@ class GrblStage(Stage):
                 raise error
             tick = self._tick
             now = time.monotonic()
-            silence_left = self._last_rx + self.config.reply_timeout_s - now
-            wait_s = silence_left if deadline is None else min(silence_left, deadline - now)
+            wait_s = math.inf
+            if liveness:
+                wait_s = self._last_rx + self.config.reply_timeout_s - now
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - now)
             try:
-                async with asyncio.timeout(max(0.0, wait_s)):
+                async with asyncio.timeout(max(0.0, wait_s) if wait_s < math.inf else None):
                     await tick.wait()
             except TimeoutError:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    raise StageTimeout(f"{self.url}: no {what} within the time allowed") from None
-                if now - self._last_rx >= self.config.reply_timeout_s:
+                    error = StageTimeout(f"{self.url}: no {what} within the time allowed")
+                    if deadline_drops_link:
+                        self._link_lost(error)
+                    raise error from None
+                if liveness and now - self._last_rx >= self.config.reply_timeout_s:
                     error = StageTimeout(
                         f"{self.url}: controller silent for {self.config.reply_timeout_s} s "
                         f"while waiting for {what}"
@@ -449,8 +468,11 @@ class GrblStage(Stage):
         overdue = oldest.sent_at + self.config.reply_timeout_s
         return self._status_at > overdue and self.status.state in ("Idle", "Alarm")
 
-    async def _await_entry(self, entry: _Pending, deadline: float | None) -> list[str]:
-        await self._wait_for(entry.future.done, deadline, f"a reply to {entry.line!r}")
+    async def _await_entry(self, entry: _Pending, deadline: float | None = None) -> list[str]:
+        """The reply to a line: by ``deadline`` if given, else as long as the controller talks
+        (a motion line's ``ok`` waits for a free planner block)."""
+        await self._wait_for(entry.future.done, f"a reply to {entry.line!r}", deadline=deadline,
+                             liveness=deadline is None)
         return entry.future.result()
 
     async def _await_status(self, deadline: float | None = None, prompt: bool = True) -> Status:
@@ -458,7 +480,8 @@ class GrblStage(Stage):
         seq = self._status_seq
         if prompt:
             self._poll_wake.set()
-        await self._wait_for(lambda: self._status_seq > seq, deadline, "a status report")
+        await self._wait_for(lambda: self._status_seq > seq, "a status report",
+                             deadline=deadline, deadline_drops_link=False)
         assert self.status is not None
         return self.status
 
@@ -472,9 +495,8 @@ class GrblStage(Stage):
                               f"significant characters per line")
         async with self._send_lock:
             link = self._require_link()
-            await self._wait_for(
-                lambda: self._in_flight + size <= self._rx_size - 1, None, "RX buffer space"
-            )
+            await self._wait_for(lambda: self._in_flight + size <= self._rx_size - 1,
+                                 "RX buffer space")
             return await self._write_counted(link, line, size)
 
     async def _write_counted(self, link: SerialLink, line: str, size: int) -> _Pending:
@@ -493,7 +515,7 @@ class GrblStage(Stage):
         deadline = time.monotonic() + (timeout or self.config.reply_timeout_s)
         async with self._send_lock:
             link = self._require_link()
-            await self._wait_for(lambda: not self._pending, None, "the queue to drain")
+            await self._wait_for(lambda: not self._pending, "the queue to drain")
             entry = await self._write_counted(link, line, len(line) + 1)
         return await self._await_entry(entry, deadline)
 
@@ -529,7 +551,7 @@ class GrblStage(Stage):
         entries = [await self._send(line) for line in lines]
         errors: list[BaseException] = []
         for entry in entries:
-            await self._wait_for(entry.future.done, None, f"a reply to {entry.line!r}")
+            await self._wait_for(entry.future.done, f"a reply to {entry.line!r}")
             error = entry.future.exception()
             if error is not None:
                 errors.append(error)
@@ -560,7 +582,8 @@ class GrblStage(Stage):
         self._expect_banner = True
         await self._realtime(SOFT_RESET)
         deadline = time.monotonic() + self.config.reply_timeout_s
-        await self._wait_for(lambda: self._banner_seq > seq, deadline, "the banner after reset")
+        await self._wait_for(lambda: self._banner_seq > seq, "the banner after reset",
+                             deadline=deadline, liveness=False)
 
     async def unlock(self) -> None:
         """``$X``: leave Alarm without homing (a critical alarm is reset first).
@@ -625,7 +648,7 @@ class GrblStage(Stage):
         self._last_sent = target
         self._predict_motion_end(start, target)
         self._poll_wake.set()
-        await self._await_entry(entry, None)
+        await self._await_entry(entry)
 
     async def _do_jog(self, delta: XYZ, speed_um_s: float) -> None:
         scale = self._mm_per_unit() * 1000
@@ -633,12 +656,13 @@ class GrblStage(Stage):
                                                                             strict=True) if value)
         feed = speed_um_s * 60 / scale
         entry = await self._send(f"$J=G91{words}F{feed:.3f}")
-        await self._await_entry(entry, None)
+        await self._await_entry(entry)
 
     async def _do_wait_until_idle(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         alarms = self._alarm_seq
-        await self._wait_for(lambda: not self._pending, deadline, "the queued lines' replies")
+        await self._wait_for(lambda: not self._pending, "the queued lines' replies",
+                             deadline=deadline, deadline_drops_link=False)
         planner_blocks = self.build.planner_blocks if self.build else None
         prompt = True  # one fresh report now, then the poller's own cadence
         while True:

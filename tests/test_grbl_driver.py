@@ -206,6 +206,16 @@ async def test_absolute_and_relative_moves_reach_their_targets() -> None:
         assert not machine.is_moving
 
 
+async def test_homing_may_outlast_the_reply_timeout() -> None:
+    """GRBL sends no status reports while homing; that silence is not a hang."""
+    config = GrblConfig(poll_hz=20, reply_timeout_s=0.3, homing_timeout_s=30)
+    async with rig(time_scale=1, config=config) as (stage, machine, _):
+        started = machine.now()
+        await stage.home()
+        assert machine.now() - started > 1.0  # real-time homing: ~1.3 s of silence
+        assert not stage.position_lost and stage.connection_losses == 0
+
+
 async def test_soft_limits_are_checked_before_sending() -> None:
     async with rig() as (stage, machine, _):
         await stage.home()
