@@ -686,7 +686,9 @@ class GrblStage(Stage):
             await self._do_wait_until_idle(None)
         elif status.state in ("Run", "Hold"):
             await self.feed_hold()
-            deadline = time.monotonic() + self.config.reply_timeout_s + 60.0
+            braking_s = max(self.settings[110 + i] / 60 / max(self.settings[120 + i], 1e-3)
+                            for i in range(3))
+            deadline = time.monotonic() + self.config.reply_timeout_s + braking_s
             while (status := await self._await_status(deadline)).state != "Alarm":
                 if status.state == "Hold" and status.substate == 0:
                     await self.soft_reset()  # drops queued motion; a completed hold keeps position

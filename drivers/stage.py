@@ -205,6 +205,8 @@ class Stage(abc.ABC):
         """Start an interactive jog (cancel with :meth:`stop`); the limits are checked first."""
         if not (math.isfinite(speed_um_s) and speed_um_s > 0):
             raise ValueError(f"speed_um_s must be > 0, got {speed_um_s}")
+        if not (dx or dy or dz):
+            return
         start = self.position_um
         target = XYZ(start.x + dx, start.y + dy, start.z + dz)
         self._check_target(target)
