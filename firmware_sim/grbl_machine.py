@@ -109,7 +109,12 @@ def _format_setting(number: int, value: float) -> str:
 
 
 class GrblMachine:
-    """GRBL 1.1h controller state plus stage mechanics; usable without a serial line."""
+    """GRBL 1.1h controller state plus stage mechanics; usable without a serial line.
+
+    ``settings`` overrides some ``$N`` values of :data:`RIG_DEFAULTS` (pass
+    :data:`GRBL_DEFAULTS` for a stock board); ``time_scale`` > 1 runs motion faster than real
+    time; ``clock`` lets tests drive time by hand.
+    """
 
     def __init__(
         self,
@@ -123,7 +128,7 @@ class GrblMachine:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         if any(b < 0 for b in backlash_um):
             raise ValueError(f"backlash_um must be >= 0, got {backlash_um}")
-        self.settings = dict(RIG_DEFAULTS if settings is None else {**GRBL_DEFAULTS, **settings})
+        self.settings = {**RIG_DEFAULTS, **(settings or {})}
         self.time_scale = time_scale
         self.backlash_mm: Vec3 = (
             backlash_um[0] / 1000, backlash_um[1] / 1000, backlash_um[2] / 1000
