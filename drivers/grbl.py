@@ -447,7 +447,7 @@ class GrblStage(Stage):
             except TimeoutError:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    error = StageTimeout(f"{self.url}: no {what} within the time allowed")
+                    error = StageTimeout(f"{self.url}: timed out waiting for {what}")
                     if deadline_drops_link:
                         self._link_lost(error)
                     raise error from None
@@ -517,7 +517,7 @@ class GrblStage(Stage):
             link = self._require_link()
             await self._wait_for(lambda: not self._pending, "the queue to drain")
             entry = await self._write_counted(link, line, len(line) + 1)
-        return await self._await_entry(entry, deadline)
+            return await self._await_entry(entry, deadline)  # nothing else until it is done
 
     async def _realtime(self, byte: bytes) -> None:
         link = self._require_link()

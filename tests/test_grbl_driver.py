@@ -114,29 +114,46 @@ async def test_without_a_banner_the_driver_soft_resets() -> None:
             assert stage.position_lost  # a new connection never trusts the old position
 
 
-async def scripted_grbl(link: DeviceLink) -> None:
-    """A minimal GRBL that answers with the reference's golden lines and a 64-byte RX."""
-    await link.write(b"\r\nGrbl 1.1h ['$' for help]\r\n")
-    buffer = b""
-    while True:
-        buffer += await link.read()
-        while b"?" in buffer:
-            buffer = buffer.replace(b"?", b"", 1)
-            await link.write(b"<Hold:0|WPos:1.000,2.000,3.000|Bf:15,64|Ln:7|FS:0,0|Pn:P|"
-                             b"WCO:-1.000,-1.000,-1.000|Ov:100,100,100|A:F>\r\n")
-        while b"\n" in buffer:
-            line, _, buffer = buffer.partition(b"\n")
-            if line == b"$I":
-                await link.write(b"[VER:1.1h.20190830:]\r\n[OPT:V,15,64]\r\nok\r\n")
-            elif line == b"$$":
-                await link.write(b"".join(b"$%d=%d\r\n" % (n, v) for n, v in SETTINGS.items())
-                                 + b"ok\r\n")
-            else:
-                await link.write(b"ok\r\n")
+class ScriptedGrbl:
+    """A minimal GRBL answering with the reference's golden lines and a 64-byte RX buffer.
+
+    With ``hold_settings`` it never acknowledges a settings write (an EEPROM write that takes
+    forever) and records every line that arrives meanwhile."""
+
+    def __init__(self, hold_settings: bool = False) -> None:
+        self.hold_settings = hold_settings
+        self.holding = asyncio.Event()
+        self.while_held: list[bytes] = []
+
+    async def __call__(self, link: DeviceLink) -> None:
+        await link.write(b"\r\nGrbl 1.1h ['$' for help]\r\n")
+        buffer = b""
+        while True:
+            buffer += await link.read()
+            while b"?" in buffer:
+                buffer = buffer.replace(b"?", b"", 1)
+                await link.write(b"<Hold:0|WPos:1.000,2.000,3.000|Bf:15,64|Ln:7|FS:0,0|Pn:P|"
+                                 b"WCO:-1.000,-1.000,-1.000|Ov:100,100,100|A:F>\r\n")
+            while b"\n" in buffer:
+                line, _, buffer = buffer.partition(b"\n")
+                await self._answer(link, line)
+
+    async def _answer(self, link: DeviceLink, line: bytes) -> None:
+        if self.holding.is_set():
+            self.while_held.append(line)
+        elif line == b"$I":
+            await link.write(b"[VER:1.1h.20190830:]\r\n[OPT:V,15,64]\r\nok\r\n")
+        elif line == b"$$":
+            await link.write(b"".join(b"$%d=%d\r\n" % (n, v) for n, v in SETTINGS.items())
+                             + b"ok\r\n")
+        elif self.hold_settings and line.startswith(b"$110="):
+            self.holding.set()
+        else:
+            await link.write(b"ok\r\n")
 
 
 async def test_golden_lines_from_a_scripted_controller() -> None:
-    async with await fake_device(scripted_grbl) as server:
+    async with await fake_device(ScriptedGrbl()) as server:
         async with GrblStage(server.address, FAST) as stage:
             assert stage.rx_buffer_bytes == 64  # from [OPT:V,15,64]
             assert stage.settings == SETTINGS
@@ -148,6 +165,20 @@ async def test_golden_lines_from_a_scripted_controller() -> None:
             assert stage.position_um == (0.0, 1000.0, 2000.0)
             assert not stage.position_lost  # homing disabled: nothing to lose
             assert stage.limits_um is None
+
+
+async def test_a_settings_write_is_sent_alone() -> None:
+    device = ScriptedGrbl(hold_settings=True)
+    async with await fake_device(device) as server:
+        async with GrblStage(server.address, GrblConfig(reply_timeout_s=0.5)) as stage:
+            write = asyncio.create_task(stage.set_setting(110, 800))
+            await device.holding.wait()
+            move = asyncio.create_task(stage.stream(["G0X1"]))
+            with pytest.raises(StageTimeout):
+                await write  # never acknowledged
+            with pytest.raises(StageDisconnected):
+                await move
+            assert device.while_held == []  # nothing was sent behind the settings write
 
 
 async def test_refuses_a_device_that_is_not_grbl() -> None:
