@@ -87,7 +87,11 @@ class DeviceLink:
         while True:
             if self.closed:
                 raise HostDisconnected("host link closed")
-            data = await self._read_raw()
+            try:
+                data = await self._read_raw()
+            except (ConnectionError, OSError) as exc:
+                self.closed = True
+                raise HostDisconnected(f"host line failed: {exc}") from exc
             if not data:
                 self.closed = True
                 raise HostDisconnected("host closed the line")
@@ -102,7 +106,11 @@ class DeviceLink:
             return
         data = self.faults.mangle(data)
         if data:
-            await self._write_raw(data)
+            try:
+                await self._write_raw(data)
+            except (ConnectionError, OSError) as exc:
+                self.closed = True
+                raise HostDisconnected(f"host line failed: {exc}") from exc
 
 
 Handler = Callable[[DeviceLink], Coroutine[Any, Any, None]]
