@@ -262,7 +262,7 @@ def parse_status(line: str, wco: Triple | None = None) -> Status:
         raise ProtocolError(f"unknown machine state {fields[0]!r} in {line!r}")
     substate = None
     if sub:
-        if not sub.isdigit():
+        if not sub.isascii() or not sub.isdigit():
             raise ProtocolError(f"bad substate in {line!r}")
         substate = int(sub)
     mpos = wpos = None

@@ -6,9 +6,12 @@ report.c) so this test stands on its own in a fresh clone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from drivers.grbl import rapid_move_s
 from drivers.grbl_protocol import (
@@ -111,6 +114,7 @@ def test_wpos_uses_last_known_wco_and_f_without_spindle() -> None:
         "<Idle|FS:0,0>",
         "<Running|MPos:0,0,0>",
         "<Hold:x|MPos:0,0,0>",
+        "<Hold:²|MPos:0,0,0>",
         "<Idle|MPos:a,b,c>",
         "<Idle|MPos:nan,0,0>",
         "<Idle|MPos>",
@@ -201,3 +205,20 @@ def test_backlash_config_validation() -> None:
         AxisBacklash(direction=0)
     with pytest.raises(ValueError, match="overshoot_um"):
         AxisBacklash(overshoot_um=-1)
+
+
+@given(st.text(max_size=120))
+def test_any_received_line_parses_or_raises_protocol_error(line: str) -> None:
+    kind = classify(line)
+    assert isinstance(kind, Kind)
+    with contextlib.suppress(ProtocolError):
+        parse_status(f"<{line}>")
+
+
+@given(st.text(alphabet="<>|:,.-0123456789IdleRunMPosWCOBfFSPnOvA", max_size=80))
+def test_status_like_noise_parses_or_raises_protocol_error(line: str) -> None:
+    try:
+        status = parse_status(line)
+    except ProtocolError:
+        return
+    assert status.mpos is not None or status.wpos is not None

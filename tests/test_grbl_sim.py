@@ -3,6 +3,7 @@ a pty, and the stage physics (trapezoids, backlash, hold, reset in motion) on a 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -12,6 +13,8 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from drivers.serial_link import SerialLink
 from firmware_sim.grbl import serve
@@ -329,3 +332,34 @@ def test_machine_rejects_bad_construction() -> None:
     with pytest.raises(ValueError, match="backlash"):
         GrblMachine(backlash_um=(-1, 0, 0))
     assert math.isfinite(GrblMachine().now())
+
+
+LAST_REPLIES = {"ok", *(f"error:{n}" for n in range(1, 40))}
+
+
+@given(st.text(alphabet="GMXYZFNLPJ$=.-+0123456789 ;()", max_size=79))
+def test_any_line_gets_a_reply_or_waits(line: str) -> None:
+    clock = FakeClock()
+    machine = GrblMachine({22: 0, 20: 0}, clock=clock)
+    cleaned = "".join(c for c in line if c != " ")
+    result = machine.execute_line(cleaned)
+    assert isinstance(result, Busy) or machine.critical or result[-1] in LAST_REPLIES
+
+
+async def test_spurious_reset_fault_from_the_command_line() -> None:
+    from firmware_sim import grbl
+
+    parser = argparse.ArgumentParser()
+    grbl.add_arguments(parser)
+    args = parser.parse_args(["--spurious-reset-every", "0.05", "--time-scale", "10"])
+    grbl.create(args)
+    machine: GrblMachine = args.grbl_machine
+    task = asyncio.create_task(grbl.background(args, None))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            while machine.resets < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
