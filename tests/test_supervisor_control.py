@@ -17,7 +17,7 @@ import pytest
 
 from daemons.manipulator.control import ControlLoop
 from daemons.manipulator.kinematics import HolderKinematics, Twist
-from daemons.manipulator.supervisor import ArmState, Reason, Setpoint, SupervisorConfig
+from daemons.manipulator.supervisor import ArmState, Reason, Setpoint, Status, SupervisorConfig
 from drivers.dynamixel import DynamixelBus, DynamixelChain
 from drivers.force_sensor import ForceSensor
 from drivers.serial_link import SerialLink
@@ -37,9 +37,12 @@ class Manipulator:
     loop: ControlLoop
     task: asyncio.Task[None]
 
-    def status_reasons(self) -> frozenset[Reason]:
+    def status(self) -> Status:
         assert self.loop.last_output is not None
-        return self.loop.last_output.status.reasons
+        return self.loop.last_output.status
+
+    def status_reasons(self) -> frozenset[Reason]:
+        return self.status().reasons
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -132,12 +135,11 @@ async def test_cutting_setpoints_stops_the_robot() -> None:
             await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.005)
         # the operator's link is cut here: no release message, just silence
         await wait_for(lambda: Reason.COMMAND_STALE in m.status_reasons())
-        await wait_for(lambda: not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+        await wait_for(lambda: not m.status().moving)
         commanded_stop = m.sim.clock()
         await asyncio.sleep(0.3)  # an observation window, not a wait for luck
         assert settled_after(m.sim, commanded_stop + 0.05)
-        assert m.loop.last_output is not None
-        assert m.loop.last_output.status.state is ArmState.ARMED  # stopped, not yet lost
+        assert m.status().state is ArmState.ARMED  # stopped, not yet lost
 
 
 async def test_deadman_release_stops_and_pressing_again_resumes() -> None:
@@ -147,7 +149,7 @@ async def test_deadman_release_stops_and_pressing_again_resumes() -> None:
             await wait_for(lambda: m.world.tip_and_axis()[0][1] > 0.003)
             set_enable(False)
             await wait_for(lambda: Reason.DEADMAN_RELEASED in m.status_reasons()
-                           and not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+                           and not m.status().moving)
             stopped_y = m.world.tip_and_axis()[0][1]
             set_enable(True)
             await wait_for(lambda: m.world.tip_and_axis()[0][1] > stopped_y + 0.003)
@@ -162,7 +164,7 @@ async def test_force_spike_stops_and_retracts_along_the_probe_axis() -> None:
             await wait_for(lambda: Reason.FORCE_LIMIT in m.status_reasons())
             spike_z = m.world.tip_and_axis()[0][2]
             m.force.spike_n = 0.0
-            await wait_for(lambda: not m.loop.last_output.status.moving  # type: ignore[union-attr]
+            await wait_for(lambda: not m.status().moving
                            and m.world.tip_and_axis()[0][2] > spike_z + 0.005)
             assert Reason.FORCE_LIMIT in m.status_reasons()  # held against the operator's push
         tip, _ = m.world.tip_and_axis()
@@ -179,13 +181,12 @@ async def test_servo_overload_latches_estop_until_reset_and_rearm() -> None:
             await wait_for(lambda: Reason.ESTOP_SERVO_FAULT in m.status_reasons())
         assert m.sim.servo(2).hardware_error == 1 << HW_OVERLOAD
         assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_FAULT
-        await wait_for(lambda: not m.loop.last_output.status.moving)  # type: ignore[union-attr]
+        await wait_for(lambda: not m.status().moving)
         m.sim.servo(2).external_torque_nm = 0.0
         decision = await m.loop.reset()
         assert decision.granted
         assert m.sim.servo(2).hardware_error == 0 and m.sim.servo(2).torque_on
-        await wait_for(lambda: m.loop.last_output.status.state  # type: ignore[union-attr]
-                       is ArmState.DISARMED)
+        await wait_for(lambda: m.status().state is ArmState.DISARMED)
         assert m.loop.arm("alice").granted
 
 

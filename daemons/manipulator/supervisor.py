@@ -539,10 +539,11 @@ class Supervisor:
             if abs(error) <= j_max * dt * dt and abs(self._accels[i]) <= j_max * dt:
                 self._rates[i], self._accels[i] = wanted[i], 0.0
                 continue
-            target = math.copysign(min(a_max, math.sqrt(2 * j_max * abs(error))), error)
-            if abs(target) * dt > abs(error):
-                target = error / dt
             step = j_max * dt
+            # the acceleration from which easing off by one jerk step per cycle lands exactly
+            # on the wanted rate (a discrete S-curve: n(n+1)/2 steps of step·dt)
+            cycles = (math.sqrt(1 + 8 * abs(error) / (step * dt)) - 1) / 2
+            target = math.copysign(min(a_max, cycles * step), error)
             self._accels[i] = _clamp(target, self._accels[i] - step, self._accels[i] + step)
             self._rates[i] += self._accels[i] * dt
 
