@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import termios
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -89,7 +90,7 @@ class SerialLink:
                 write_timeout=0,
                 exclusive=True,
             )
-        except (serial.SerialException, ValueError) as exc:
+        except (serial.SerialException, ValueError, termios.error) as exc:
             raise LinkError(f"{self.url}: cannot open: {exc}") from exc
         self._serial = port
         asyncio.get_running_loop().add_reader(port.fileno(), self._on_readable)

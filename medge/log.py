@@ -16,6 +16,16 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+class _CurrentStdout:
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after set-up)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
     """Configure structlog for this process; ``context`` (daemon, device) goes on every line."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -31,7 +41,7 @@ def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStdout()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

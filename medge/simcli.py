@@ -13,6 +13,7 @@ from typing import Any
 
 from firmware_sim import SIMULATORS
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
+from medge.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def _probability(text: str) -> float:
@@ -52,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_serve(args))
     except OSError as exc:
         print(f"medge sim {args.device}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    except ValueError as exc:  # an option the simulator itself found inconsistent
+        print(f"medge sim {args.device}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 async def _serve(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from medge.runtime import Runtime
@@ -149,3 +150,45 @@ def test_envelope_json_is_compact_and_valid(tmp_path: Path) -> None:
         "created_at": "1970-01-01T00:00:01.500Z", "sent_at": "1970-01-01T00:01:40.000Z",
         "historical": True, "body": {"x": 1},
     }
+
+
+async def test_subscriptions_are_restored_after_the_broker_restarts(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    cfg = daemon_config(tmp_path, broker.port)
+    received: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def on_command(message: aiomqtt.Message) -> None:
+        assert isinstance(message.payload, bytes)
+        received.append(message.payload)
+        arrived.set()
+
+    async with Runtime(cfg, "gateway") as rt:
+        topic = rt.topics.topic("gateway", "cmd")
+        rt.link.subscribe(topic, on_command)
+        await rt.link.wait_connected(10)
+        broker.stop()
+        await asyncio.wait_for(_until(lambda: not rt.link.connected.is_set()), 10)
+        broker.start()
+        await rt.link.wait_connected(20)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="operator") as operator:
+            await operator.publish(topic, b"ping", qos=1)
+            await asyncio.wait_for(arrived.wait(), 10)
+    assert received == [b"ping"]
+    assert rt.link.connections == 2
+
+
+async def test_health_reports_link_and_outbox(broker: Mosquitto, tmp_path: Path) -> None:
+    cfg = daemon_config(tmp_path, broker.port)
+    async with Collector(broker.port, topic_filter="+/+/+/+/gateway/health") as hospital:
+        async with Runtime(cfg, "gateway", health_interval=0.2) as rt:
+            await rt.emit("scale-1", "obs", {"n": 1})
+            await hospital.wait_for(
+                lambda: any(m["published"] >= 1 for _, m in hospital.messages), timeout=20)
+    health = next(m for _, m in hospital.messages if m["published"] >= 1)
+    assert health["daemon"] == "gateway"
+    assert health["link"]["connected"] is True
+    assert set(health["outbox"]) == {"depth", "bytes", "fill", "oldest_age_s", "drops",
+                                     "last_publish_at", "store_error", "quarantined"}
+    assert health["outbox"]["store_error"] is None
