@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 from collections.abc import Callable
 
 import pytest
@@ -387,3 +388,20 @@ def test_config_is_validated() -> None:
         from_mapping({"joint_margin": [0.01, 0.01]}, SupervisorConfig, source="exam.toml")
     exam = from_mapping({"force_warn_n": 8.0, "force_stop_n": 12.0}, SupervisorConfig)
     assert (exam.force_warn_n, exam.force_stop_n) == (8.0, 12.0)  # a gentler exam profile
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_stop_under_uneven_cycle_times_stays_stopped(seed: int) -> None:
+    """A loaded machine runs cycles late and unevenly: once stopped, the rate must stay 0."""
+    rig = Rig()
+    rig.arm()
+    rig.drive(60, lambda: rig.setpoint(twist=Twist((0.03, -0.02, 0.01), (0.3, -0.2, 0))))
+    rig.sup.estop(Reason.ESTOP_COMMAND)
+    uneven = random.Random(seed)
+    stopped = False
+    for _ in range(300):
+        rig.clock.now += uneven.choice([0.001, 0.01, 0.02, 0.03])
+        out = rig.sup.step(ForceReading(0.0, 0, 0, rig.clock.now))
+        assert not (stopped and out.status.moving)
+        stopped = stopped or not out.status.moving
+    assert stopped
