@@ -9,19 +9,29 @@ whole message, since a half-understood strip is not a trustworthy one.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 
 import structlog
 
-from drivers.astm_link import AstmReceiver, AstmTimers
+from drivers.astm_link import ACK, ENQ, EOT, NAK, AstmReceiver, AstmTimers
 from drivers.astm_records import AstmRecordError, Record, parse_records, parse_timestamp
-from drivers.measurement import Measurement, MeasurementDevice, Reading, utc_now
-from drivers.serial_link import SerialLink
+from drivers.measurement import (
+    DeviceIdentity,
+    Measurement,
+    MeasurementDevice,
+    Reading,
+    utc_now,
+)
+from drivers.serial_link import LinkError, SerialLink, SerialSettings
 from drivers.urinalysis import PADS_BY_CODE, UrinalysisError, parse_pad, ucum_unit
 
 log = structlog.get_logger(__name__)
+
+SERIAL_SETTINGS = SerialSettings(baudrate=9600)
+"""The usual line settings of ASTM analyzers (9600 8N1); configurable per device."""
 
 NORMAL_FLAGS = frozenset({"", "N"})
 """E1394 R field 7 values meaning "not abnormal"; anything else (L, H, A, >, …) is abnormal."""
@@ -132,3 +142,22 @@ class AstmUrineAnalyzer(MeasurementDevice):
                 self.rejected += 1
                 log.warning("astm_message_rejected", reason=str(exc))
         return self._ready.popleft()
+
+
+async def probe(
+    url: str, answer_within: float = 2.0, settings: SerialSettings = SERIAL_SETTINGS
+) -> DeviceIdentity | None:
+    """Confirm an E1381 instrument: to our ENQ it answers ACK (ready) or NAK (busy), or ENQ when
+    it wants to send itself. We end at once (EOT after an ACK, NAK to its ENQ so that it sends
+    later, to the driver); results are never taken by the probe."""
+    try:
+        async with SerialLink.open(url, settings) as link:
+            await link.write(ENQ)
+            async with asyncio.timeout(answer_within):
+                while (answer := await link.read_exactly(1)) not in (ACK, NAK, ENQ):
+                    pass
+            if reply := {ACK: EOT, ENQ: NAK}.get(answer):
+                await link.write(reply)
+            return DeviceIdentity("astm-e1381")
+    except (TimeoutError, LinkError):
+        return None

@@ -104,6 +104,15 @@ class Measurement:
         return next((r for r in self.readings if r.quantity == quantity), None)
 
 
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What a protocol probe learnt about the device on a port (discovery confirms candidates
+    with it, since a USB VID:PID names only the bridge chip)."""
+
+    model: str
+    device_id: str = ""
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -18,6 +18,7 @@ beaker taken away aborts the void, and a stream gap longer than ``max_gap_s`` dr
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -27,8 +28,15 @@ from datetime import datetime, timedelta
 import numpy as np
 import structlog
 
-from drivers.measurement import Measurement, MeasurementDevice, Reading, Samples, utc_now
-from drivers.serial_link import SerialLink
+from drivers.measurement import (
+    DeviceIdentity,
+    Measurement,
+    MeasurementDevice,
+    Reading,
+    Samples,
+    utc_now,
+)
+from drivers.serial_link import LinkError, SerialLink, SerialSettings
 from drivers.uroflow_analysis import (
     FlowSettings,
     VoidAnalysis,
@@ -40,6 +48,7 @@ from drivers.uroflow_analysis import (
 DEVICE_KIND = "uroflow"
 TICK_WRAP = 1 << 32
 MAX_LINE = 96
+SERIAL_SETTINGS = SerialSettings(baudrate=115200)
 
 log = structlog.get_logger(__name__)
 
@@ -273,3 +282,24 @@ def _signed_ms(tick: int, since: int) -> int:
     """Milliseconds from ``since`` to ``tick`` on the wrapping 32-bit counter (negative: before)."""
     delta = (tick - since) % TICK_WRAP
     return delta - TICK_WRAP if delta >= TICK_WRAP // 2 else delta
+
+
+async def probe(
+    url: str, answer_within: float = 2.0, settings: SerialSettings = SERIAL_SETTINGS
+) -> DeviceIdentity | None:
+    """Listen (the scale talks unasked): a clock line, or three good weight lines, confirm it;
+    the clock line also names the scale's serial number."""
+    weights = 0
+    try:
+        async with SerialLink.open(url, settings) as link, asyncio.timeout(answer_within):
+            while weights < 3:
+                try:
+                    line = parse_line(await link.read_until(b"\n", limit=4096))
+                except UroflowLineError:
+                    continue
+                if isinstance(line, ClockLine):
+                    return DeviceIdentity("uroflow-scale", line.serial)
+                weights += 1
+            return DeviceIdentity("uroflow-scale")
+    except (TimeoutError, LinkError):
+        return None

@@ -12,12 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers.astm import AstmUrineAnalyzer
+from drivers.astm import AstmUrineAnalyzer, probe
 from drivers.astm_link import ACK, ENQ, EOT, NAK, STX, AstmTimers
 from drivers.astm_records import parse_records
-from drivers.measurement import Measurement
+from drivers.measurement import DeviceIdentity, Measurement
 from drivers.serial_link import LinkError, SerialLink
-from firmware_sim import astm_urine, urine_strip
+from firmware_sim import astm_urine, urine_strip, uroflow
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
 
 FAST = AstmTimers(frame=3.0, frame_complete=0.5)
@@ -191,3 +191,29 @@ async def test_simulator_refuses_host_enq_while_idle() -> None:
     async with connected(device) as link:
         await link.write(ENQ)
         assert await link.read_exactly(1, timeout=5) == NAK
+
+
+@pytest.mark.parametrize("first_after", ["0", "60"], ids=["analyzer-sending", "analyzer-idle"])
+async def test_probe_confirms_an_astm_analyzer_and_takes_no_result(first_after: str) -> None:
+    device = astm_urine.AstmUrineDevice(sim_args("--every", "60", "--first-after", first_after))
+    server = SimulatorServer(device.serve, Endpoint.parse("pty"))  # stays plugged in between
+    async with server:
+        assert await probe(server.address, 2.0) == DeviceIdentity("astm-e1381")
+        async with SerialLink.open(server.address) as link:
+            if first_after == "0":  # the result is still there for the driver
+                (measurement,) = await take(AstmUrineAnalyzer(link, timers=FAST), 1)
+                assert specimen(measurement) == "S0001"
+
+
+async def test_probe_refuses_a_device_that_does_not_speak_e1381() -> None:
+    uroflow_scale = uroflow.UroflowScaleDevice(uroflow_args())
+    server = SimulatorServer(uroflow_scale.serve, Endpoint.parse("tcp://127.0.0.1:0"))
+    async with server:
+        assert await probe(server.address, 0.5) is None
+    assert await probe("socket://127.0.0.1:1", 0.5) is None
+
+
+def uroflow_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    uroflow.add_arguments(parser)
+    return parser.parse_args([])

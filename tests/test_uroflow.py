@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from drivers.measurement import Measurement
+from drivers.measurement import DeviceIdentity, Measurement
 from drivers.serial_link import LinkError, SerialLink
 from drivers.uroflow import (
     ClockLine,
@@ -23,9 +23,10 @@ from drivers.uroflow import (
     VoidDetection,
     WeightSample,
     parse_line,
+    probe,
 )
 from drivers.uroflow_analysis import FlowSettings, VoidRejected, analyse_void
-from firmware_sim import uroflow
+from firmware_sim import astm_urine, uroflow
 from firmware_sim.link import DeviceLink, Endpoint, Faults, SimulatorServer
 from tests.test_astm_link import raw_device
 
@@ -307,3 +308,20 @@ def test_flow_settings_are_configurable() -> None:
     dense = analyse_void(t, grams, RATE, FlowSettings(density_g_per_ml=1.02))
     assert dense.voided_volume_ml == pytest.approx(analyse_void(
         t, grams / 1.02, RATE).voided_volume_ml, rel=1e-6)
+
+
+async def test_probe_listens_for_the_scale() -> None:
+    device = uroflow.UroflowScaleDevice(sim_args())
+    server = SimulatorServer(device.serve, TCP)
+    async with server:
+        assert await probe(server.address, 2.0) == DeviceIdentity("uroflow-scale", "UF0001")
+    analyzer = astm_urine.AstmUrineDevice(astm_args())
+    server = SimulatorServer(analyzer.serve, TCP)
+    async with server:  # an ASTM analyzer: ENQ, no lines
+        assert await probe(server.address, 0.5) is None
+
+
+def astm_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    astm_urine.add_arguments(parser)
+    return parser.parse_args(["--first-after", "0", "--ack-timeout", "0.1"])
