@@ -22,7 +22,7 @@ import contextlib
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from firmware_sim.link import (
@@ -136,7 +136,9 @@ class SimServo:
         self.position = position_rad
         self.velocity = 0.0
         self.external_torque_nm = 0.0
-        """Load imposed from outside (tests, contact); beyond stall torque the servo overloads."""
+        """Load injected by tests; beyond stall torque the servo overloads."""
+        self.contact_torque_nm = 0.0
+        """Load from the probe pressing on the patient (see ``DynamixelSim.loads``)."""
         self.temperature = AMBIENT_C
         self.input_voltage_v = 12.0
         self.current_a = 0.0
@@ -257,6 +259,10 @@ class SimServo:
             self.table[70] |= 1 << bit
             self.table[64] = 0
 
+    @property
+    def load_torque_nm(self) -> float:
+        return self.external_torque_nm + self.contact_torque_nm
+
     def step(self, dt: float) -> None:
         before = self.velocity
         if self.torque_on:
@@ -266,10 +272,10 @@ class SimServo:
         else:
             self.velocity = 0.0  # no gravity in this model: an unpowered joint stays put
         accel = (self.velocity - before) / dt
-        load = self.external_torque_nm + 0.002 * accel + 0.05 * self.velocity
+        load = self.load_torque_nm + 0.002 * accel + 0.05 * self.velocity
         self.current_a = load / TORQUE_CONSTANT_NM_PER_A if self.torque_on else 0.0
         self._overloaded_for = (
-            self._overloaded_for + dt if abs(self.external_torque_nm) > STALL_TORQUE_NM else 0.0)
+            self._overloaded_for + dt if abs(self.load_torque_nm) > STALL_TORQUE_NM else 0.0)
         if self._overloaded_for > OVERLOAD_TIME_S:
             self.trip(HW_OVERLOAD)
         target = AMBIENT_C + HEATING_C_PER_A2 * self.current_a**2
@@ -289,7 +295,7 @@ class SimServo:
             self.position = (self.ticks - 2048) * 2 * math.pi / TICKS_PER_TURN  # hold that tick
 
     def _track_goal(self, dt: float) -> None:
-        if abs(self.external_torque_nm) > STALL_TORQUE_NM:
+        if abs(self.load_torque_nm) > STALL_TORQUE_NM:
             self.velocity = 0.0  # blocked
             return
         v_max, a_max = self._limits()
@@ -336,6 +342,8 @@ class DynamixelSim:
         self.clock = clock
         self.step_s = step_s
         self.motion_log: collections.deque[MotionSample] = collections.deque(maxlen=log_size)
+        self.loads: Callable[[], Sequence[float]] | None = None
+        """Per-servo load torques from the world (e.g. ``ProbeWorld.servo_loads``)."""
         self.packets_received = 0
         self.crc_errors = 0
         self.last_packet_at: float | None = None
@@ -356,6 +364,9 @@ class DynamixelSim:
     def advance(self) -> None:
         """Integrate physics up to now in fixed steps and log the motion."""
         now = self.clock()
+        if self.loads is not None:
+            for servo, torque in zip(self.servos, self.loads(), strict=True):
+                servo.contact_torque_nm = torque
         while self._now + self.step_s <= now:
             self._now += self.step_s
             for servo in self.servos:

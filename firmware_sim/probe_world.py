@@ -61,7 +61,10 @@ class ProbeWorld:
 
     def tip_and_axis(self) -> tuple[Vector, Vector]:
         """Probe tip position (m) and unit axis pointing out of the tip, in the base frame."""
-        x, y, z, tilt_a, tilt_b = self.servo_angles()
+        return self._pose_at(self.servo_angles())
+
+    def _pose_at(self, angles: Sequence[float]) -> tuple[Vector, Vector]:
+        x, y, z, tilt_a, tilt_b = angles
         g = self.geometry
         wrist_x, wrist_y, wrist_z = (
             x * g.pinion_radius_m, y * g.pinion_radius_m, z * g.pinion_radius_m)
@@ -89,3 +92,26 @@ class ProbeWorld:
                  normal[2] * s.stiffness_n_per_m * depth)
         axial = -sum(f * a for f, a in zip(force, axis, strict=True))  # compression positive
         return max(axial, 0.0), force
+
+    def servo_loads(self) -> list[float]:
+        """Torque (N·m) each servo must supply to hold the probe against the contact force.
+
+        The virtual work of the force over a small turn of each servo (a numerical Jacobian
+        transpose), so it needs no second copy of the geometry.
+        """
+        _, force = self.contact_force()
+        angles = list(self.servo_angles())
+        if not any(force):
+            return [0.0] * len(angles)
+        loads = []
+        for index in range(len(angles)):
+            ahead, behind = list(angles), list(angles)
+            ahead[index] += _TURN_RAD
+            behind[index] -= _TURN_RAD
+            (forward, _), (backward, _) = self._pose_at(ahead), self._pose_at(behind)
+            work = sum(f * (a - b) for f, a, b in zip(force, forward, backward, strict=True))
+            loads.append(-work / (2 * _TURN_RAD))
+        return loads
+
+
+_TURN_RAD = 1e-6

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from drivers.force_sensor import ForceSensor, ForceSensorError, parse_line
 from drivers.serial_link import SerialLink
 from firmware_sim import force as force_sim
-from firmware_sim.dynamixel import DynamixelSim
+from firmware_sim.dynamixel import HW_OVERLOAD, DynamixelSim
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
-from firmware_sim.probe_world import ProbeWorld
+from firmware_sim.probe_world import PatientSurface, ProbeWorld
 
 # docs/force-sensor.md test vector: 12.345 N, sequence 7, no flags
 VECTOR = b"$F,7,12345,00*6C\r\n"
@@ -135,3 +135,28 @@ def test_reader_counts_garbage_instead_of_raising(kinds: list[str], fields: list
     body = ",".join(kinds + fields)
     sensor._handle(force_sim.line(body) if body.isascii() else b"$" + body.encode() + b"\r\n")
     assert sensor.latest is None or math.isfinite(sensor.latest.force_n)
+
+
+def test_pressing_loads_the_servos_and_too_hard_overloads_z() -> None:
+    now = [0.0]
+    bus = DynamixelSim(clock=lambda: now[0])
+    world = ProbeWorld(bus.positions)
+    bus.loads = world.servo_loads
+    bus.servo(3).position = -1.0  # 10 mm into the belly: 15 N up on the probe
+    for servo in bus.servos:
+        assert servo.write(64, b"\x01") == 0  # torque on, holding where it stands
+    assert world.servo_loads() == pytest.approx([0, 0, -15 * 0.03, 0, 0], abs=1e-6)
+    now[0] += 0.01
+    bus.advance()
+    current_units = _signed16(bus.servo(3).read(126, 2)[1])
+    assert current_units * 2.69e-3 == pytest.approx(-0.45 / 1.78, rel=0.05)
+    stiff = ProbeWorld(bus.positions, surface=PatientSurface(stiffness_n_per_m=20000.0))
+    bus.loads = stiff.servo_loads  # 200 N: beyond what the Z servo can hold
+    now[0] += 1.0
+    bus.advance()
+    assert bus.servo(3).hardware_error == 1 << HW_OVERLOAD and not bus.servo(3).torque_on
+    assert all(s.hardware_error == 0 for s in bus.servos if s.servo_id != 3)
+
+
+def _signed16(data: bytes) -> int:
+    return int.from_bytes(data, "little", signed=True)

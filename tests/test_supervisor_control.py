@@ -67,6 +67,7 @@ async def manipulator(
         servo.table[9] = 0  # return delay 0, as configured on the real bus
     sim.servo(3).position = start_z_servo
     world = ProbeWorld(sim.positions)
+    sim.loads = world.servo_loads  # pressing on the belly loads the servos too
     force = ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
     async with sim.serving(faults=bus_faults) as bus_server, \
             SimulatorServer(force.serve, Endpoint("pty")) as force_server, \
