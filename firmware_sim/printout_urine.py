@@ -4,8 +4,8 @@
 lines, then ``[*]LABEL [grade] value [unit]``, no checksum, input ignored);
 ``--dialect clinitek50`` like a Bayer Clinitek 50 (German labels and words, YYMMDDhhmm date,
 20-column lines, XOR checksum; a NAK from the host makes it print the report again, up to
-3 times, if the NAK comes within ``--nak-window``). Reports produced while no host is
-connected wait in the analyzer's memory.
+3 times; it waits ``--nak-window`` after each print before the next report). Reports produced
+while no host is connected wait in the analyzer's memory.
 Independent of ``drivers/urine_printout.py`` on purpose.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from datetime import datetime
 
 from firmware_sim.link import DeviceLink, Handler
@@ -103,15 +104,26 @@ class PrintoutUrineDevice:
 
     @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
+        """Print reports as they are due, each followed by ``nak_window`` of quiet; a NAK (at
+        any time, a Clinitek only) reprints the last report, up to 3 times."""
         naks = asyncio.Queue[None]()
         listener = asyncio.create_task(self._listen(link, naks))
+        last, reprints, quiet_until = b"", 0, 0.0
+        window = self.nak_window if self.dialect == "clinitek50" else 0.0
         try:
             while True:
                 self.strips.read_due_strips()
-                if not self.strips.memory:
-                    await asyncio.sleep(max(self.strips.seconds_to_next(), 0.0))
-                    continue
-                await self._send(link, self.strips.memory.popleft(), naks)
+                now = time.monotonic()
+                if self.strips.memory and now >= quiet_until:
+                    last, reprints = self.strips.memory.popleft(), REPRINTS
+                else:
+                    strips = self.strips
+                    wait = quiet_until - now if strips.memory else strips.seconds_to_next()
+                    if not await _nak_before(naks, wait) or not reprints:
+                        continue
+                    reprints -= 1
+                await link.write(last)
+                quiet_until = time.monotonic() + window
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
@@ -122,19 +134,14 @@ class PrintoutUrineDevice:
             if NAK in await link.read() and self.dialect == "clinitek50":
                 naks.put_nowait(None)
 
-    async def _send(self, link: DeviceLink, report: bytes, naks: asyncio.Queue[None]) -> None:
-        """Print ``report``; a Clinitek prints it again when the host NAKs in ``nak_window``."""
-        while not naks.empty():
-            naks.get_nowait()
-        for _ in range(1 + REPRINTS):
-            await link.write(report)
-            if self.dialect != "clinitek50":
-                return
-            try:
-                async with asyncio.timeout(self.nak_window):
-                    await naks.get()
-            except TimeoutError:
-                return
+
+async def _nak_before(naks: asyncio.Queue[None], seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await naks.get()
+    except TimeoutError:
+        return False
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_strip_arguments(parser, "; the Clinitek prints a 2-digit year, read as 1970-2069")
     parser.add_argument("--nak-window", type=non_negative, default=1.0, metavar="SECONDS",
                         help="clinitek50: a NAK within SECONDS of a report asks for a reprint "
-                        "(default 1)")
+                        "before the next report is printed (default 1)")
 
 
 def create(args: argparse.Namespace) -> Handler:
