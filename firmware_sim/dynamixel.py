@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from firmware_sim.force import ForceSim
 from firmware_sim.link import (
     DeviceLink,
     Endpoint,
@@ -33,6 +34,7 @@ from firmware_sim.link import (
     HostDisconnected,
     SimulatorServer,
 )
+from firmware_sim.probe_world import ProbeWorld
 
 HELP = "five Dynamixel XM430 servos (Protocol 2.0) of the ultrasound probe manipulator"
 
@@ -513,6 +515,13 @@ class DynamixelSim:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ids", default="1,2,3,4,5",
                         help="comma-separated servo IDs on the bus (default 1,2,3,4,5)")
+    force = parser.add_mutually_exclusive_group()
+    force.add_argument("--force-listen", metavar="tcp://HOST:PORT", type=Endpoint.parse,
+                       help="also serve the probe's load cell here, pressed by these servos "
+                            "against the simulated patient (needs the 5 manipulator servos; "
+                            "its address is printed as a second line 'force: ADDRESS')")
+    force.add_argument("--force-pty", action="store_true",
+                       help="the same load cell on a new pseudo-terminal")
 
 
 def create(args: argparse.Namespace) -> Handler:
@@ -522,12 +531,24 @@ def create(args: argparse.Namespace) -> Handler:
         raise SystemExit(f"--ids {args.ids!r}: expected comma-separated integers") from None
     if not ids or any(not 0 <= i <= 252 for i in ids) or len(set(ids)) != len(ids):
         raise SystemExit(f"--ids {args.ids!r}: distinct IDs within 0..252 expected")
+    if (args.force_pty or args.force_listen) and len(ids) != 5:
+        raise SystemExit("--force-*: the probe world needs exactly the 5 manipulator servos")
     sim = DynamixelSim(ids)
     args.dynamixel_sim = sim
     return sim.serve
 
 
 async def background(args: argparse.Namespace, server: SimulatorServer) -> None:
+    """Physics; with ``--force-*`` also the load cell sharing this bus's probe world."""
     del server
     sim: DynamixelSim = args.dynamixel_sim
-    await sim.run()
+    where = Endpoint("pty") if args.force_pty else args.force_listen
+    if where is None:
+        await sim.run()
+        return
+    world = ProbeWorld(sim.positions)
+    sim.loads = world.servo_loads
+    load_cell = ForceSim(lambda: world.contact_force()[0])
+    async with SimulatorServer(load_cell.serve, where) as force_server:
+        print(f"force: {force_server.address}", flush=True)
+        await sim.run()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from drivers.dynamixel import (
     ticks_to_rad,
 )
 from drivers.dynamixel_protocol import CrcMismatch, StatusErrorCode
+from drivers.force_sensor import parse_line
 from drivers.serial_link import SerialLink
 from firmware_sim.dynamixel import HW_OVERHEATING, HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
 from firmware_sim.link import Faults
@@ -210,3 +213,33 @@ async def test_overheated_servo_reports_through_the_driver() -> None:
         sim.servo(5).temperature = 45.0  # cooled down; a reboot alone would not help when hot
         assert await chain.clear_faults() == [5]
         assert not any(s.faulted for s in await chain.read_states())
+
+
+async def test_cli_serves_bus_and_load_cell_sharing_one_world() -> None:
+    medge = str(Path(sys.executable).with_name("medge"))
+    process = await asyncio.create_subprocess_exec(
+        medge, "sim", "dynamixel", "--listen", "tcp://127.0.0.1:0", "--force-pty",
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(20):
+            bus_url = (await process.stdout.readline()).decode().strip()
+            force_line = (await process.stdout.readline()).decode().strip()
+        assert bus_url.startswith("socket://") and force_line.startswith("force: /dev/")
+        async with SerialLink.open(bus_url) as bus_link, \
+                SerialLink.open(force_line.removeprefix("force: ")) as force_link:
+            assert await DynamixelBus(bus_link, timeout_s=1.0).ping(5) == (1020, 46)
+            line = await force_link.read_until(b"\n", timeout=5)
+            line = await force_link.read_until(b"\n", timeout=5)  # a whole line for sure
+            assert parse_line(line)[0] == "F"
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def test_cli_refuses_load_cell_without_the_five_servos(capsys: pytest.CaptureFixture[str]) -> None:
+    from medge.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", "dynamixel", "--pty", "--ids", "1,2", "--force-pty"])
+    assert exited.value.code not in (0, None)
