@@ -171,7 +171,7 @@ async def test_simulator_retransmits_six_times_then_aborts(host_answer: bytes) -
 
 
 async def test_simulator_waits_after_busy_and_contention() -> None:
-    device = astm_urine.AstmUrineDevice(sim_args("--every", "60"))
+    device = astm_urine.AstmUrineDevice(sim_args("--every", "60", "--ack-timeout", "10"))
     async with connected(device) as link:
         assert await read_frame_or_control(link) == ENQ
         await link.write(NAK)  # busy
