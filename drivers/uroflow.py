@@ -47,7 +47,6 @@ from drivers.uroflow_analysis import (
 
 DEVICE_KIND = "uroflow"
 TICK_WRAP = 1 << 32
-MAX_LINE = 96
 SERIAL_SETTINGS = SerialSettings(baudrate=115200)
 
 log = structlog.get_logger(__name__)
@@ -158,8 +157,7 @@ class UroflowScale(MeasurementDevice):
     async def _do_next_measurement(self) -> Measurement:
         while True:
             raw = await self._link.read_until(b"\n", limit=4096)
-            if len(raw) > MAX_LINE:
-                raw = raw[raw.rfind(b"$"):]  # garbage glued in front: keep the last line start
+            raw = raw[max(raw.rfind(b"$"), 0):]  # garbage glued in front: keep the line start
             try:
                 item = parse_line(raw)
             except UroflowLineError as exc:

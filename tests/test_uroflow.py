@@ -197,7 +197,9 @@ def void_grams(seconds: float = 70) -> np.ndarray:
 async def test_scripted_void_with_garbage_and_tick_wrap() -> None:
     grams = void_grams()
     data = stream(grams, first_tick=(1 << 32) - 20_000)
-    noisy = data[:3000] + b"\x00\xff garbage $UFW,1*\r\n" + data[3000:]
+    boundary = data.index(b"\n", 4000) + 1
+    noisy = (data[:3000] + b"\x00\xff garbage $UFW,1*\r\n" + data[3000:boundary]
+             + b"\xfe\x00junk" + data[boundary:])  # junk glued to a good line costs nothing
     async with scripted_scale() as (scale, device):
         await device.write(noisy)
         measurement = await asyncio.wait_for(scale.next_measurement(), 10)
