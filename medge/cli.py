@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "medge.simcli",
     "medge.gatewaycli",
     "medge.wsicli",
+    "medge.scancli",
 ]
 
 

@@ -1,0 +1,245 @@
+"""Scan jobs: what a technician asks for, the phases a scan goes through, and its durable state.
+
+A job's state (spec, plan, focus map, captured tiles with positions and checksums, per-phase
+timings) is one JSON document written atomically (temporary file, fsync, rename, fsync of the
+directory), so after a crash or a power loss the daemon finds either the previous or the new
+state, never half of one, and resumes from the first tile that is not on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PHASES = ("overview", "tissue", "plan", "focus", "acquire", "stitch", "dicom", "deliver",
+          "report")
+"""In order; a resumed job re-enters at the phase it was in (acquisition at its first missing
+tile)."""
+
+Status = Literal["queued", "running", "done", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+TEXT_FIELD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+"""Barcodes, accession numbers and pseudonymous IDs: they end up in file names and DICOM."""
+
+JOB_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+
+
+class JobError(ValueError):
+    """A job request is invalid; ``field`` names the offending field for the reply."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One slide to scan, as submitted. ``area_mm`` is (x0, y0, x1, y1) on the slide in mm."""
+
+    barcode: str
+    accession: str
+    patient: str
+    objective: str
+    stain: str = "HE"
+    area_mm: tuple[float, float, float, float] | None = None
+    pacs: str = ""
+    """Destination name in the daemon's PACS config; empty: no delivery."""
+    folder: str = ""
+    """Local folder (on the scanner box) that receives a copy of the DICOM files."""
+    jpeg_quality: int = 90
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["area_mm"] = list(self.area_mm) if self.area_mm else None
+        return body
+
+
+STAINS = frozenset({"HE", "H", "E"})
+
+
+def parse_spec(payload: Any, objectives: set[str], destinations: set[str]) -> JobSpec:
+    """Check a submitted job field by field; raise :class:`JobError` naming the first bad one."""
+    if not isinstance(payload, dict):
+        raise JobError("job", "must be a JSON object")
+    known = set(JobSpec.__dataclass_fields__)
+    if unknown := sorted(set(payload) - known):
+        raise JobError(unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+    texts: dict[str, str] = {}
+    for name in ("barcode", "accession", "patient"):
+        value = payload.get(name)
+        if not isinstance(value, str) or not TEXT_FIELD.match(value):
+            raise JobError(name, "required: 1-64 letters, digits, '.', '_' or '-'")
+        texts[name] = value
+    stain = payload.get("stain", "HE")
+    if stain not in STAINS:
+        raise JobError("stain", f"{stain!r} is not one of {', '.join(sorted(STAINS))}")
+    objective = payload.get("objective")
+    if objective not in objectives:
+        raise JobError("objective",
+                       f"{objective!r} is not calibrated (known: {', '.join(sorted(objectives))})")
+    quality = payload.get("jpeg_quality", 90)
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise JobError("jpeg_quality", f"{quality!r} must be an integer 1..100")
+    pacs = payload.get("pacs", "")
+    if not isinstance(pacs, str) or (pacs and pacs not in destinations):
+        known_pacs = ", ".join(sorted(destinations)) or "none configured"
+        raise JobError("pacs", f"{pacs!r} is not a configured destination (known: {known_pacs})")
+    folder = payload.get("folder", "")
+    if not isinstance(folder, str) or (folder and not os.path.isabs(folder)):
+        raise JobError("folder", f"{folder!r} must be an absolute path on the scanner")
+    return JobSpec(barcode=texts["barcode"], accession=texts["accession"],
+                   patient=texts["patient"], objective=str(objective), stain=str(stain),
+                   area_mm=_parse_area(payload.get("area_mm")), pacs=pacs, folder=folder,
+                   jpeg_quality=quality)
+
+
+def _parse_area(raw: Any) -> tuple[float, float, float, float] | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list | tuple) or len(raw) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw)):
+        raise JobError("area_mm", "must be four numbers x0, y0, x1, y1 in mm")
+    x0, y0, x1, y1 = (float(v) for v in raw)
+    if not all(math.isfinite(v) and v >= 0 for v in (x0, y0, x1, y1)):
+        raise JobError("area_mm", "coordinates must be finite and >= 0 mm")
+    if not (x1 > x0 and y1 > y0):
+        raise JobError("area_mm", "needs x1 > x0 and y1 > y0")
+    return (x0, y0, x1, y1)
+
+
+@dataclass
+class TileRecord:
+    """One captured tile: where the stage was (µm, commanded and reported) and its checksum."""
+
+    index: int
+    x_um: float
+    y_um: float
+    z_um: float
+    sha256: str
+
+
+@dataclass
+class JobState:
+    id: str
+    spec: JobSpec
+    status: Status = "queued"
+    phase: str = ""
+    message: str = ""
+    created_at: float = field(default_factory=time.time)
+    plan: list[tuple[float, float]] = field(default_factory=list)
+    """Tile top-left positions on the slide, µm, in acquisition (serpentine) order."""
+    plan_info: dict[str, Any] = field(default_factory=dict)
+    focus: dict[str, Any] = field(default_factory=dict)
+    """Focus map: plane coefficients, measured points and residuals."""
+    tiles: dict[int, TileRecord] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent per phase (summed over resumes)."""
+    resumes: int = 0
+    delivery: str = ""
+    """none | delivered | spooled | failed (PACS); empty until the delivery phase."""
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def first_missing_tile(self) -> int:
+        return next((i for i in range(len(self.plan)) if i not in self.tiles), len(self.plan))
+
+    def summary(self) -> dict[str, Any]:
+        """What status and list show: small enough to publish after every tile."""
+        return {"job": self.id, "status": self.status, "phase": self.phase,
+                "message": self.message, "barcode": self.spec.barcode,
+                "accession": self.spec.accession, "tiles_done": len(self.tiles),
+                "tiles_total": len(self.plan), "delivery": self.delivery,
+                "resumes": self.resumes, "created_at": self.created_at}
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["spec"] = self.spec.to_json()
+        body["tiles"] = [asdict(t) for t in sorted(self.tiles.values(), key=lambda t: t.index)]
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> JobState:
+        spec_body = dict(body["spec"])
+        area = spec_body.pop("area_mm", None)
+        spec = JobSpec(**spec_body, area_mm=tuple(area) if area else None)
+        tiles = {t["index"]: TileRecord(**t) for t in body.get("tiles", [])}
+        fields = {k: v for k, v in body.items() if k not in ("spec", "tiles", "plan")}
+        plan = [(float(x), float(y)) for x, y in body.get("plan", [])]
+        return cls(spec=spec, tiles=tiles, plan=plan, **fields)
+
+
+def new_job_id() -> str:
+    """Sortable by submission time, unique without coordination."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+class StateCorrupt(ValueError):
+    """A job's state file cannot be read; the job is reported, not silently dropped."""
+
+
+class JobStore:
+    """One directory per job under ``root``: ``state.json``, ``tiles/``, ``dicom/``, images."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def directory(self, job_id: str) -> Path:
+        if not JOB_ID.match(job_id):
+            raise JobError("job", f"{job_id!r} is not a job id")
+        return self.root / job_id
+
+    def save(self, state: JobState) -> None:
+        directory = self.directory(state.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / "state.json",
+                         json.dumps(state.to_json(), separators=(",", ":")).encode())
+
+    def load(self, job_id: str) -> JobState:
+        path = self.directory(job_id) / "state.json"
+        try:
+            return JobState.from_json(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            raise JobError("job", f"no job {job_id}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateCorrupt(f"{path}: unreadable job state: {exc}") from exc
+
+    def load_all(self) -> tuple[list[JobState], list[str]]:
+        """Every job, oldest first, and one message per state file that could not be read."""
+        jobs: list[JobState] = []
+        problems: list[str] = []
+        for directory in sorted(self.root.iterdir()):
+            if not (directory / "state.json").exists() or not JOB_ID.match(directory.name):
+                continue
+            try:
+                jobs.append(self.load(directory.name))
+            except StateCorrupt as exc:
+                problems.append(str(exc))
+        return jobs, problems
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new content, whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,236 @@
+"""The scanner's hardware as the daemon sees it: stage, tile camera, overview camera, objectives.
+
+``port = "sim"`` / ``device = "sim"`` build the simulated rig inside the daemon: the GRBL
+simulator served on a loopback TCP port and driven by the real :class:`GrblStage` driver over
+that socket (so the wire protocol is exercised), and cameras that render a virtual slide at the
+simulated carriage's *true* position, defocused by its distance from a tilted focal plane. A
+real rig uses the serial port and UVC cameras unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from daemons.microscope.optics import Objective
+from drivers.camera import Camera, CameraError, CameraSettings, RgbFrame, UvcCamera
+from drivers.grbl import GrblConfig, GrblStage
+from firmware_sim.grbl import serve
+from firmware_sim.grbl_machine import GrblMachine
+from firmware_sim.link import Endpoint, SimulatorServer
+from firmware_sim.slide import GLASS_RGB, ImageSlide, ProceduralSlide, Slide
+from medge.config import ConfigError, bounds, load
+
+SIM = "sim"
+TEST_SLIDE_SIZE_PX = (3200, 2400)
+TEST_SLIDE_UM_PER_PX = 1.0
+
+
+@dataclass(frozen=True)
+class StageSection:
+    port: str = SIM
+    """Serial device of the GRBL board (udev name), a socket:// URL, or "sim"."""
+    slide_origin_um: tuple[float, ...] = field(default=(-75_000.0, -40_000.0),
+                                               metadata=bounds(min=2, max=2))
+    """Stage (x, y) at which the slide's top-left corner is at the top-left of the field."""
+    focus_guess_z_um: float = -5_000.0
+    """Where the focus search starts (the slide holder's nominal focus height)."""
+    settle_s: float = field(default=0.0, metadata=bounds(min=0, max=5))
+
+
+@dataclass(frozen=True)
+class CameraSection:
+    device: str = SIM
+    """A /dev/videoN path, or "sim"."""
+    width: int = field(default=1280, metadata=bounds(min=16, max=16384))
+    height: int = field(default=960, metadata=bounds(min=16, max=16384))
+    exposure_ms: float = field(default=10.0, metadata=bounds(min=0.01, max=10_000))
+    overview_device: str = SIM
+    """The macro camera that photographs the whole slide and its label."""
+    overview_um_per_px: float = field(default=50.0, metadata=bounds(min=1, max=1000))
+
+
+@dataclass(frozen=True)
+class SimulatorSection:
+    slide: str = "procedural"
+    """"procedural" (a 75 x 25 mm H&E section, realistic but slow to render), "test" (a small
+    synthetic slide that renders fast), or the path of an image file."""
+    slide_um_per_px: float = field(default=1.0, metadata=bounds(min=0.05, max=100))
+    seed: int = 0
+    time_scale: float = field(default=1.0, metadata=bounds(min=0.01, max=1000))
+    """Motion runs this many times faster than real time."""
+    focal_plane_z_um: float = -5_010.0
+    focal_tilt_um_per_mm: tuple[float, ...] = field(default=(0.8, -0.5),
+                                                    metadata=bounds(min=2, max=2))
+    """The slide is never flat: the best focus drifts this much per mm in x and y."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    magnification: float = field(metadata=bounds(min=1, max=200))
+    numerical_aperture: float = field(metadata=bounds(min=0.01, max=1.6))
+    um_per_px: float = field(metadata=bounds(min=0.01, max=100))
+    """Calibrated camera pixel size on the sample (stage micrometer)."""
+    immersion_index: float = field(default=1.0, metadata=bounds(min=1, max=2))
+
+
+@dataclass(frozen=True)
+class ObjectivesFile:
+    objectives: dict[str, ObjectiveSection] = field(metadata=bounds(min=1))
+
+
+def load_objectives(path: Path) -> dict[str, Objective]:
+    """The calibration file; ConfigError names the file and key of a bad entry."""
+    calibrations = load(path, ObjectivesFile).objectives
+    objectives: dict[str, Objective] = {}
+    for name, section in calibrations.items():
+        try:
+            objectives[name] = Objective(name, section.magnification, section.numerical_aperture,
+                                         section.um_per_px, section.immersion_index)
+        except ValueError as exc:
+            raise ConfigError(str(path), f"objectives.{name}", str(exc)) from None
+    return objectives
+
+
+def test_slide(seed: int) -> ImageSlide:
+    """A 3.2 x 2.4 mm slide with one irregular tissue patch, glass around it; cheap to render.
+
+    Stained texture: eosin stroma with haematoxylin dots, strong enough for focus and overlap.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = TEST_SLIDE_SIZE_PX[1], TEST_SLIDE_SIZE_PX[0]
+    coarse = cv2.resize(rng.random((6, 8), np.float32), (width, height),
+                        interpolation=cv2.INTER_CUBIC)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    blob = np.hypot((xs - width * 0.55) / (width * 0.28), (ys - height * 0.5) / (height * 0.3))
+    tissue = np.clip((1.0 - blob + 0.35 * (coarse - 0.5)) * 6.0, 0.0, 1.0)
+    detail = cv2.GaussianBlur(rng.random((height, width), np.float32), (0, 0), 2.0)
+    detail = (detail - detail.min()) / max(float(np.ptp(detail)), 1e-6)
+    nuclei = np.clip((detail - 0.6) * 5.0, 0.0, 1.0)
+    eosin = tissue * (0.3 + 0.7 * detail)
+    haematoxylin = tissue * nuclei * 1.5
+    density = (eosin[..., None] * np.array([0.07, 0.99, 0.11], np.float32)
+               + haematoxylin[..., None] * np.array([0.65, 0.70, 0.29], np.float32))
+    rgb = np.asarray(GLASS_RGB, np.float32) * np.exp(-density)
+    return ImageSlide(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), TEST_SLIDE_UM_PER_PX)
+
+
+def make_slide(section: SimulatorSection) -> Slide:
+    if section.slide == "procedural":
+        return ProceduralSlide(seed=section.seed)
+    if section.slide == "test":
+        return test_slide(section.seed)
+    return ImageSlide.from_file(Path(section.slide), section.slide_um_per_px)
+
+
+class SlideCamera(Camera):
+    """A camera looking at a virtual slide through the simulated stage.
+
+    ``view()`` gives the slide point at the field's top-left (µm) and the stage z; ``focal_z``
+    the best-focus z at a slide point. The blur grows with defocus over the depth of field.
+    """
+
+    def __init__(self, name: str, slide: Slide, objective: Objective,
+                 view: Callable[[], tuple[float, float, float]],
+                 focal_z: Callable[[float, float], float] | None = None,
+                 settings: CameraSettings | None = None) -> None:
+        super().__init__(name, settings)
+        self.slide = slide
+        self.objective = objective
+        self.view = view
+        self.focal_z = focal_z
+        self.unplugged = False
+        """Fault injection: captures fail as with a camera lost from USB."""
+
+    def _do_open(self) -> None:
+        pass
+
+    def _do_configure(self, settings: CameraSettings) -> None:
+        pass
+
+    def _do_capture(self) -> RgbFrame:
+        if self.unplugged:
+            raise CameraError(f"camera {self.name}: device disappeared from USB")
+        left, top, z = self.view()
+        width, height = self.settings.resolution
+        um_per_px = self.objective.um_per_px
+        frame = self.slide.render(left, top, width, height, um_per_px)
+        if self.focal_z is None:
+            return frame
+        defocus = z - self.focal_z(left + width * um_per_px / 2, top + height * um_per_px / 2)
+        sigma = abs(defocus) / self.objective.depth_of_field_um
+        if sigma > 0.2:
+            frame = np.asarray(cv2.GaussianBlur(frame, (0, 0), sigma), np.uint8)
+        return frame
+
+    def _do_close(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    """What a scan drives. ``machine``/``server`` exist only on the simulated rig."""
+
+    stage: GrblStage
+    camera: Camera
+    overview: Camera
+    label_width_um: float
+    machine: GrblMachine | None = None
+    server: SimulatorServer | None = None
+
+    async def open(self) -> None:
+        if self.server is not None:
+            self.stage.url = await self.server.start()
+        await self.stage.connect()
+        await self.camera.open()
+        await self.overview.open()
+
+    def use(self, objective: Objective) -> None:
+        """The objective of the next scan (a real turret is set by the technician)."""
+        if isinstance(self.camera, SlideCamera):
+            self.camera.objective = objective
+
+    async def close(self) -> None:
+        await self.overview.close()
+        await self.camera.close()
+        await self.stage.close()
+        if self.server is not None:
+            await self.server.close()
+
+
+def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSection,
+              objective: Objective) -> Rig:
+    """The rig with ``objective`` mounted (:meth:`Rig.use` swaps it for a job)."""
+    settings = CameraSettings(resolution=(camera.width, camera.height),
+                              exposure_ms=camera.exposure_ms)
+    grbl = GrblConfig(settle_s=stage.settle_s)
+    if stage.port != SIM:
+        return Rig(GrblStage(stage.port, grbl), UvcCamera(camera.device, settings=settings),
+                   UvcCamera(camera.overview_device), label_width_um=0.0)
+    machine = GrblMachine(time_scale=simulator.time_scale)
+    server = SimulatorServer(serve(machine), Endpoint.parse("tcp://127.0.0.1:0"))
+    slide = make_slide(simulator)
+    origin_x, origin_y = stage.slide_origin_um
+    tilt_x, tilt_y = simulator.focal_tilt_um_per_mm
+
+    def carriage_on_slide() -> tuple[float, float, float]:
+        x, y, z = machine.true_position_um()
+        return x - origin_x, y - origin_y, z
+
+    def focal_z(x_um: float, y_um: float) -> float:
+        return simulator.focal_plane_z_um + (tilt_x * x_um + tilt_y * y_um) / 1000
+
+    whole = (max(16, math.ceil(slide.width_um / camera.overview_um_per_px)),
+             max(16, math.ceil(slide.height_um / camera.overview_um_per_px)))
+    macro = Objective("macro", 1.0, 0.05, camera.overview_um_per_px)
+    overview = SlideCamera("overview", slide, macro, lambda: (0.0, 0.0, 0.0),
+                           settings=CameraSettings(resolution=whole))
+    label_width = getattr(slide, "label_width_um", 0.0)
+    return Rig(GrblStage("socket://127.0.0.1:0", grbl),
+               SlideCamera("tiles", slide, objective, carriage_on_slide, focal_z, settings),
+               overview, label_width_um=float(label_width), machine=machine, server=server)

@@ -1,0 +1,405 @@
+"""The work of one scan: tissue detection, tile plan, focus map, pipelined acquisition, mosaic.
+
+Coordinates: slide micrometres from the slide's top-left corner (x along the long side); the
+stage position of a tile is its slide position plus the rig's ``slide_origin_um``.
+
+Acquisition is a two-stage pipeline joined by a bounded queue: the stage task moves, waits for
+idle and exposes, then hands the frame over and immediately starts the next move; the storage
+task encodes, checksums and persists each tile. The stage only waits for the computer when
+``buffer_tiles`` frames are already queued, which bounds memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from daemons.microscope.jobs import JobState, TileRecord
+from daemons.microscope.wsi.model import RgbImage
+from drivers.camera import Camera
+from drivers.stage import Stage
+
+Mask = npt.NDArray[np.bool_]
+GLASS_OD_THRESHOLD = 0.12
+"""Summed RGB optical density above which an overview pixel counts as stained tissue."""
+PYRAMID_TILE = 256
+WHITE = 255
+
+
+class ScanError(RuntimeError):
+    """A scan cannot go on; the message says why and what the technician can do."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How tiles map to the slide: field size on the sample and the step between tiles."""
+
+    um_per_px: float
+    width_px: int
+    height_px: int
+    overlap: float
+
+    @property
+    def field_um(self) -> tuple[float, float]:
+        return self.width_px * self.um_per_px, self.height_px * self.um_per_px
+
+    @property
+    def step_um(self) -> tuple[float, float]:
+        fw, fh = self.field_um
+        return fw * (1 - self.overlap), fh * (1 - self.overlap)
+
+
+# -- overview and tissue -----------------------------------------------------------------------
+
+
+def detect_tissue(overview: RgbImage, label_width_px: int = 0) -> Mask:
+    """Stained pixels of the overview: optical density against the brightest (glass) level,
+    specks removed by an opening; the label area at the left end is never tissue."""
+    glass = np.percentile(overview.reshape(-1, 3), 99, axis=0).astype(np.float32) + 1.0
+    density = -np.log((overview.astype(np.float32) + 1.0) / glass).sum(axis=2)
+    mask = (density > GLASS_OD_THRESHOLD).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    mask[:, :label_width_px] = 0
+    return mask.astype(bool)
+
+
+def plan_tiles(tissue: Mask, overview_um_per_px: float, geometry: Geometry, margin_um: float,
+               area_um: tuple[float, float, float, float] | None = None
+               ) -> list[tuple[float, float]]:
+    """Tile top-left positions (slide µm) in serpentine order: only tiles whose field touches
+    tissue grown by ``margin_um``, inside ``area_um`` (default: the tissue's bounding box)."""
+    grow = max(1, round(margin_um / overview_um_per_px))
+    grown = np.asarray(cv2.dilate(tissue.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1),
+                                                                   np.uint8)), np.uint8)
+    if area_um is None:
+        rows, cols = np.nonzero(tissue)
+        if rows.size == 0:
+            return []
+        area_um = (cols.min() * overview_um_per_px - margin_um,
+                   rows.min() * overview_um_per_px - margin_um,
+                   (cols.max() + 1) * overview_um_per_px + margin_um,
+                   (rows.max() + 1) * overview_um_per_px + margin_um)
+    x0, y0, x1, y1 = area_um
+    field_w, field_h = geometry.field_um
+    step_x, step_y = geometry.step_um
+    columns = max(1, math.ceil((x1 - x0 - field_w) / step_x) + 1)
+    rows_n = max(1, math.ceil((y1 - y0 - field_h) / step_y) + 1)
+    plan: list[tuple[float, float]] = []
+    for row in range(rows_n):
+        order = range(columns) if row % 2 == 0 else range(columns - 1, -1, -1)
+        for column in order:
+            x, y = x0 + column * step_x, y0 + row * step_y
+            if _touches(grown, overview_um_per_px, x, y, field_w, field_h):
+                plan.append((x, y))
+    return plan
+
+
+def _touches(mask: npt.NDArray[np.uint8], um_per_px: float, x: float, y: float, w: float,
+             h: float) -> bool:
+    c0, r0 = max(0, math.floor(x / um_per_px)), max(0, math.floor(y / um_per_px))
+    c1, r1 = math.ceil((x + w) / um_per_px), math.ceil((y + h) / um_per_px)
+    return bool(mask[r0:r1, c0:c1].any())
+
+
+# -- focus -------------------------------------------------------------------------------------
+
+
+def sharpness(frame: RgbImage) -> float:
+    """Variance of the Laplacian of the green channel: peaks at best focus."""
+    green = frame[::2, ::2, 1].astype(np.float32)
+    return float(cv2.Laplacian(green, cv2.CV_32F).var())
+
+
+@dataclass(frozen=True)
+class FocusPlane:
+    """z = c0 + cx·x + cy·y over slide µm, with the residual of each measured point."""
+
+    c0: float
+    cx: float
+    cy: float
+
+    def z_at(self, x: float, y: float) -> float:
+        return self.c0 + self.cx * x + self.cy * y
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[float, float, float]]) -> FocusPlane:
+        """Least squares through (x, y, z); fewer than three points give a level plane."""
+        zs = np.array([p[2] for p in points])
+        if len(points) < 3:
+            return cls(float(zs.mean()), 0.0, 0.0)
+        design = np.array([[1.0, p[0], p[1]] for p in points])
+        (c0, cx, cy), *_ = np.linalg.lstsq(design, zs, rcond=None)
+        return cls(float(c0), float(cx), float(cy))
+
+    def to_json(self) -> dict[str, float]:
+        return {"c0": self.c0, "cx": self.cx, "cy": self.cy}
+
+
+def focus_points(plan: Sequence[tuple[float, float]], count: int) -> list[int]:
+    """Plan indices spread over the tissue: extremes along both axes and diagonals, then the
+    tile nearest the centre; duplicates dropped."""
+    if not plan:
+        return []
+    xs = np.array([p[0] for p in plan])
+    ys = np.array([p[1] for p in plan])
+    candidates = [int(np.argmin(xs + ys)), int(np.argmax(xs + ys)), int(np.argmin(xs - ys)),
+                  int(np.argmax(xs - ys)),
+                  int(np.argmin(np.hypot(xs - xs.mean(), ys - ys.mean())))]
+    chosen: list[int] = []
+    for index in candidates:
+        if index not in chosen:
+            chosen.append(index)
+    return chosen[:max(1, count)]
+
+
+def best_focus(zs: Sequence[float], scores: Sequence[float]) -> float:
+    """Vertex of the parabola through the best score and its neighbours (the sampled best at an
+    end of the sweep)."""
+    i = int(np.argmax(scores))
+    if i == 0 or i == len(scores) - 1:
+        return zs[i]
+    z0, z1, z2 = zs[i - 1], zs[i], zs[i + 1]
+    s0, s1, s2 = scores[i - 1], scores[i], scores[i + 1]
+    denominator = s0 - 2 * s1 + s2
+    if denominator >= 0:
+        return z1
+    return z1 + 0.5 * (z2 - z1) * (s0 - s2) / denominator if z2 - z1 == z1 - z0 else z1
+
+
+# -- acquisition -------------------------------------------------------------------------------
+
+
+@dataclass
+class Motion:
+    """Where slide coordinates are on the stage."""
+
+    stage: Stage
+    camera: Camera
+    origin_um: tuple[float, float]
+
+    async def goto(self, x: float, y: float, z: float) -> None:
+        await self.stage.move_to(x + self.origin_um[0], y + self.origin_um[1], z)
+
+    async def shoot(self, x: float, y: float, z: float) -> RgbImage:
+        await self.goto(x, y, z)
+        return await self.camera.capture()
+
+
+async def measure_focus(motion: Motion, x: float, y: float, guess_z: float, range_um: float,
+                        step_um: float, min_contrast: float) -> tuple[float, float]:
+    """Coarse sweep over ±range then a fine one around the best; (best z, peak/floor contrast).
+
+    Raise ScanError when the sharpness curve has no peak (blank field, or no focus in range).
+    """
+    coarse = [guess_z + d for d in np.arange(-range_um, range_um + 1e-9, 4 * step_um)]
+    scores = [sharpness(await motion.shoot(x, y, z)) for z in coarse]
+    centre = coarse[int(np.argmax(scores))]
+    contrast = max(scores) / max(min(scores), 1e-9)
+    if contrast < min_contrast:
+        raise ScanError(f"blank focus at ({x / 1000:.2f}, {y / 1000:.2f}) mm: no sharpness peak "
+                        f"within ±{range_um:.0f} µm (contrast {contrast:.2f}); check the slide "
+                        "is seated and the scan area covers tissue")
+    fine = [centre + d for d in np.arange(-4 * step_um, 4 * step_um + 1e-9, step_um)]
+    fine_scores = [sharpness(await motion.shoot(x, y, z)) for z in fine]
+    return float(best_focus(fine, fine_scores)), float(contrast)
+
+
+TileSink = Callable[[int, RgbImage, tuple[float, float, float]], Awaitable[None]]
+
+
+async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_tiles: int,
+                  store_tile: TileSink) -> None:
+    """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined."""
+    queue: asyncio.Queue[tuple[int, RgbImage, tuple[float, float, float]] | None]
+    queue = asyncio.Queue(maxsize=buffer_tiles)
+
+    async def stage_side() -> None:
+        for index, (x, y) in enumerate(state.plan):
+            if index in state.tiles:
+                continue
+            z = focus.z_at(x, y)
+            frame = await motion.shoot(x, y, z)
+            await queue.put((index, frame, (x, y, z)))
+        await queue.put(None)
+
+    async def storage_side() -> None:
+        while (item := await queue.get()) is not None:
+            await store_tile(*item)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(stage_side(), name="scan-stage")
+        group.create_task(storage_side(), name="scan-storage")
+
+
+def save_tile(path: Path, frame: RgbImage) -> str:
+    """Write the tile losslessly; return the SHA-256 of the file (checked on resume)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ScanError(f"{path}: PNG encoding failed")
+    data = encoded.tobytes()
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_tiles(state: JobState, tiles_dir: Path) -> list[int]:
+    """Drop captured tiles whose file is missing or does not match its checksum (a crash
+    between write and state save, a damaged disk); return their indices."""
+    bad = []
+    for index, record in list(state.tiles.items()):
+        path = tile_path(tiles_dir, index)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            digest = ""
+        if digest != record.sha256:
+            bad.append(index)
+            del state.tiles[index]
+    return bad
+
+
+def tile_path(tiles_dir: Path, index: int) -> Path:
+    return tiles_dir / f"{index:05d}.png"
+
+
+# -- mosaic and pyramid ------------------------------------------------------------------------
+
+
+class MemmapLevel:
+    """A pyramid level held in a file-backed array: bounded memory whatever the slide size."""
+
+    def __init__(self, path: Path, width: int = 0, height: int = 0, *, um_per_px: float,
+                 tile_size: int = PYRAMID_TILE) -> None:
+        """A new white level of ``width`` x ``height``, or (size 0) the one stored at ``path``."""
+        self.path = path
+        if width and height:
+            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                                   shape=(height, width, 3))
+            self.array[:] = WHITE
+        else:
+            self.array = np.load(path, mmap_mode="r")
+        self._spacing = um_per_px
+        self._tile = tile_size
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def tile_size(self) -> int:
+        return self._tile
+
+    @property
+    def pixel_spacing_um(self) -> float:
+        return self._spacing
+
+    def tiles(self) -> Iterator[RgbImage]:
+        size = self._tile
+        for top in range(0, self.height, size):
+            for left in range(0, self.width, size):
+                block = self.array[top:top + size, left:left + size]
+                tile = np.full((size, size, 3), WHITE, np.uint8)
+                tile[:block.shape[0], :block.shape[1]] = block
+                yield tile
+
+    def half(self, path: Path) -> MemmapLevel:
+        """The next level down (2x), computed strip by strip."""
+        smaller = MemmapLevel(path, max(1, self.width // 2), max(1, self.height // 2),
+                              um_per_px=self._spacing * 2, tile_size=self._tile)
+        strip = 2 * self._tile
+        for top in range(0, smaller.height * 2, strip):
+            source = self.array[top:min(top + strip, smaller.height * 2), :smaller.width * 2]
+            reduced = cv2.resize(np.ascontiguousarray(source),
+                                 (smaller.width, source.shape[0] // 2),
+                                 interpolation=cv2.INTER_AREA)
+            smaller.array[top // 2:top // 2 + reduced.shape[0]] = reduced
+        return smaller
+
+
+def compose(records: Sequence[TileRecord], tiles_dir: Path, geometry: Geometry,
+            work_dir: Path) -> tuple[MemmapLevel, dict[str, Any]]:
+    """Place every captured tile at its recorded stage position (the stage is repeatable to
+    well under a pixel after backlash compensation); overlaps take the centre-most tile, so
+    each output pixel comes from the tile that saw it furthest from its vignetted edge."""
+    xs = [r.x_um for r in records]
+    ys = [r.y_um for r in records]
+    left, top = min(xs), min(ys)
+    field_w, field_h = geometry.field_um
+    width = math.ceil((max(xs) + field_w - left) / geometry.um_per_px)
+    height = math.ceil((max(ys) + field_h - top) / geometry.um_per_px)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    level = MemmapLevel(work_dir / "level-0.npy", width, height, um_per_px=geometry.um_per_px)
+    trim_x = round(geometry.width_px * geometry.overlap / 2)
+    trim_y = round(geometry.height_px * geometry.overlap / 2)
+    residuals: list[float] = []
+    rejected = 0
+    previous: tuple[TileRecord, RgbImage] | None = None
+    for record in records:
+        bgr = cv2.imread(str(tile_path(tiles_dir, record.index)), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ScanError(f"tile {record.index} is unreadable; resume the job to re-capture it")
+        frame: RgbImage = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.uint8)
+        col = round((record.x_um - left) / geometry.um_per_px)
+        row = round((record.y_um - top) / geometry.um_per_px)
+        # Paste the tile without its outer half-overlap, except where nothing else covers it.
+        x0 = 0 if col == 0 else trim_x
+        y0 = 0 if row == 0 else trim_y
+        x1 = frame.shape[1] if col + frame.shape[1] >= width else frame.shape[1] - trim_x
+        y1 = frame.shape[0] if row + frame.shape[0] >= height else frame.shape[0] - trim_y
+        level.array[row + y0:row + y1, col + x0:col + x1] = frame[y0:y1, x0:x1]
+        if previous is not None and previous[0].y_um == record.y_um:
+            shift = overlap_shift(previous, (record, frame), geometry)
+            if shift is None:
+                rejected += 1
+            else:
+                residuals.append(shift)
+        previous = (record, frame)
+    level.array.flush()
+    return level, {"origin_um": [left, top], "width_px": width, "height_px": height,
+                   "placement": "stage positions", "pairs": len(residuals) + rejected,
+                   "rejected_pairs": rejected,
+                   "residual_px": float(np.mean(residuals)) if residuals else 0.0,
+                   "max_residual_px": float(np.max(residuals)) if residuals else 0.0}
+
+
+MIN_PAIR_RESPONSE = 0.05
+"""Phase-correlation peaks below this (bare glass, blur) say nothing: the pair is rejected."""
+
+
+def overlap_shift(first: tuple[TileRecord, RgbImage], second: tuple[TileRecord, RgbImage],
+                  geometry: Geometry) -> float | None:
+    """How far (px) the overlap of two row neighbours disagrees with their stage positions:
+    the stitching residual of placing by position. None when the overlap has no texture."""
+    (a, image_a), (b, image_b) = sorted((first, second), key=lambda item: item[0].x_um)
+    offset = round((b.x_um - a.x_um) / geometry.um_per_px)
+    width = image_a.shape[1] - offset
+    if offset <= 0 or width < 16:
+        return None
+    strip_a = image_a[:, offset:, 1].astype(np.float32)
+    strip_b = image_b[:, :width, 1].astype(np.float32)
+    (dx, dy), response = cv2.phaseCorrelate(strip_a, strip_b)
+    if response < MIN_PAIR_RESPONSE:
+        return None
+    return float(math.hypot(dx, dy))
+
+
+def pyramid(base: MemmapLevel, work_dir: Path) -> list[MemmapLevel]:
+    levels = [base]
+    while max(levels[-1].width, levels[-1].height) > PYRAMID_TILE:
+        levels.append(levels[-1].half(work_dir / f"level-{len(levels)}.npy"))
+    return levels
