@@ -176,9 +176,10 @@ async def run_gateway(broker_port: int, work: Path, chosen: dict[str, DeviceBenc
         proc = subprocess.Popen([sys.executable, "-m", "medge.cli", "run", "gateway",
                                  "--config", str(config_path)], stdout=subprocess.DEVNULL)
         try:
-            await asyncio.sleep(min(5.0, seconds / 3))  # start-up (imports, connects) excluded
-            cpu0, t0, received.values = cpu_seconds(proc.pid), time.monotonic(), []
-            received.messages = 0
+            # CPU and rates exclude start-up (imports, connects); latencies (receipt minus
+            # Observation.issued) do not depend on it, so the first readings count too.
+            await asyncio.sleep(min(5.0, seconds / 3))
+            cpu0, t0, received.messages = cpu_seconds(proc.pid), time.monotonic(), 0
             await asyncio.sleep(seconds)
             cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
             rss = rss_mib(proc.pid)
@@ -231,6 +232,9 @@ async def fleet_worker(port: int, first: int, count: int, rates: list[float], st
     await asyncio.to_thread(sys.stdin.readline)  # "go": every worker starts together
 
     async def gateway(rt: Runtime, rate: float, step: int, until: float, offset: float) -> int:
+        if rate <= 0:  # the idle step: connected gateways that have nothing to say
+            await asyncio.sleep(until - time.monotonic())
+            return 0
         sent, interval = 0, 1.0 / rate
         next_at = time.monotonic() + offset * interval
         while next_at < until:
@@ -253,12 +257,14 @@ async def fleet_worker(port: int, first: int, count: int, rates: list[float], st
 
 
 @dataclass
-class StepCount:
-    received: int = 0
-    latencies: list[float] = field(default_factory=list)
+class Ingested:
+    receipts: list[float] = field(default_factory=list)
+    """Wall-clock receipt time of every message."""
+    latencies: dict[int, list[float]] = field(default_factory=dict)
+    """Per step: receipt minus emit time."""
 
 
-async def fleet_ingest(port: int, counts: dict[int, StepCount], ready: asyncio.Event) -> None:
+async def fleet_ingest(port: int, into: Ingested, ready: asyncio.Event) -> None:
     """The hospital: one member of the shared subscription group ``ingest``."""
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"ingest-{os.getpid()}",
                               protocol=aiomqtt.ProtocolVersion.V5,
@@ -270,17 +276,19 @@ async def fleet_ingest(port: int, counts: dict[int, StepCount], ready: asyncio.E
             now = time.time()
             assert isinstance(message.payload, bytes | bytearray)
             body = json.loads(message.payload)["body"]
-            entry = counts.setdefault(body["step"], StepCount())
-            entry.received += 1
-            entry.latencies.append(now - body["t0"])
+            into.receipts.append(now)
+            into.latencies.setdefault(body["step"], []).append(now - body["t0"])
 
 
 async def fleet(broker: Mosquitto, work: Path, gateways: int, rates: list[float],
                 step_s: float, workers: int) -> None:
-    counts: dict[int, StepCount] = {}
+    """Steps of ``step_s`` seconds at each per-gateway rate; the *delivered* rate of a step is
+    what the subscriber received during that step's wall-clock window (backlog not counted)."""
+    ingested = Ingested()
     ready = asyncio.Event()
-    ingest = asyncio.create_task(fleet_ingest(broker.port, counts, ready))
+    ingest = asyncio.create_task(fleet_ingest(broker.port, ingested, ready))
     await asyncio.wait_for(ready.wait(), 10)
+    assert broker.proc is not None
     per = -(-gateways // workers)
     procs = []
     for w in range(workers):
@@ -289,7 +297,7 @@ async def fleet(broker: Mosquitto, work: Path, gateways: int, rates: list[float]
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "bench.gateway", "--fleet-worker", str(broker.port),
              str(w * per), str(count), ",".join(map(str, rates)), str(step_s), str(state)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     try:
         t_connect = time.monotonic()
         for proc in procs:
@@ -298,40 +306,44 @@ async def fleet(broker: Mosquitto, work: Path, gateways: int, rates: list[float]
             if line.strip() != "ready":
                 raise RuntimeError(f"fleet worker failed to start: {line!r}")
         connect_s = time.monotonic() - t_connect
-        broker_cpu0 = cpu_seconds(broker.proc.pid) if broker.proc else 0.0
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        t_go = time.time()
+        broker_cpu = []
+        for step in range(len(rates)):
+            cpu0 = cpu_seconds(broker.proc.pid)
+            await asyncio.sleep(t_go + (step + 1) * step_s - time.time())
+            broker_cpu.append((cpu_seconds(broker.proc.pid) - cpu0) / step_s)
         reports: list[list[dict[str, Any]]] = [[] for _ in procs]
         for index, proc in enumerate(procs):
             for _ in rates:
                 assert proc.stdout is not None
                 reports[index].append(json.loads(await asyncio.to_thread(proc.stdout.readline)))
-        run_s = step_s * len(rates)
-        broker_cpu = (cpu_seconds(broker.proc.pid) - broker_cpu0) / run_s if broker.proc else 0
-        await asyncio.to_thread(lambda: [p.wait(60) for p in procs])
-        await asyncio.sleep(2.0)  # the last in-flight messages reach the subscriber
+        await asyncio.to_thread(lambda: [p.wait(300) for p in procs])
     finally:
         for proc in procs:
             if proc.poll() is None:
                 stop(proc)
         await cancel(ingest)
     print(f"\nPart 2: {gateways} gateways in {workers} processes, all connected in "
-          f"{connect_s:.1f} s; broker CPU over the run {broker_cpu * 100:.0f} %")
-    print(f"{'offered msg/s':>13} | {'emitted msg/s':>13} | {'delivered':>9} | "
-          f"{'latency p50':>11} | {'p99':>9} | {'worker CPU':>10}")
-    print("-" * 80)
+          f"{connect_s:.1f} s, {step_s:.0f} s per step")
+    print(f"{'offered msg/s':>13} | {'emitted':>7} | {'delivered':>9} | {'latency p50':>11} | "
+          f"{'p99':>8} | {'gateways CPU':>12} | {'broker CPU':>10} | {'broker µs/msg':>13}")
+    print("-" * 104)
     for step, rate in enumerate(rates):
-        emitted = sum(r[step]["emitted"] for r in reports)
+        emitted = sum(r[step]["emitted"] for r in reports) / step_s
         cpu = sum(r[step]["cpu"] for r in reports)
-        got = counts.get(step, StepCount())
-        ordered = sorted(got.latencies) or [float("nan")]
-        print(f"{rate * gateways:>13,.0f} | {emitted / step_s:>13,.0f} | "
-              f"{got.received / max(emitted, 1) * 100:>8.1f}% | "
+        begin, end = t_go + step * step_s, t_go + (step + 1) * step_s
+        delivered = sum(1 for t in ingested.receipts if begin <= t < end) / step_s
+        ordered = sorted(ingested.latencies.get(step, [])) or [float("nan")]
+        per_message = broker_cpu[step] / delivered * 1e6 if delivered else float("nan")
+        print(f"{rate * gateways:>13,.0f} | {emitted:>7,.0f} | {delivered:>9,.0f} | "
               f"{ordered[len(ordered) // 2] * 1000:>8.1f} ms | "
-              f"{ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000:>6.0f} ms | "
-              f"{cpu * 100:>9.0f}%", flush=True)
+              f"{ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000:>5.0f} ms | "
+              f"{cpu * 100:>11.0f}% | {broker_cpu[step] * 100:>9.1f}% | {per_message:>13.0f}",
+              flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -361,8 +373,8 @@ if __name__ == "__main__":
     parser.add_argument("--skip-single", action="store_true", help="fleet only")
     parser.add_argument("--fleet", type=lambda t: [int(x) for x in numbers(t)],
                         default=[100, 1000], help="fleet sizes (default 100,1000)")
-    parser.add_argument("--offered", type=numbers, default=[300.0, 1000.0, 3000.0, 6000.0],
-                        help="aggregate offered msg/s per fleet step")
+    parser.add_argument("--offered", type=numbers, default=[0.0, 300.0, 1000.0, 2000.0, 4000.0],
+                        help="aggregate offered msg/s per fleet step (0 = idle)")
     parser.add_argument("--step", type=float, default=10.0, help="seconds per fleet step")
     parser.add_argument("--workers", type=int, default=4, help="fleet worker processes")
     parser.add_argument("--fleet-worker", nargs=6, help=argparse.SUPPRESS)

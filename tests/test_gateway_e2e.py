@@ -43,8 +43,8 @@ DEVICE_TYPED_PATIENT = "PAT-0001"
 
 
 @contextlib.asynccontextmanager
-async def simulator(name: str, *argv: str, faults: Faults | None = None
-                    ) -> AsyncIterator[tuple[SimulatorServer, Any]]:
+async def simulator(name: str, *argv: str, faults: Faults | None = None,
+                    where: str = "tcp://127.0.0.1:0") -> AsyncIterator[tuple[SimulatorServer, Any]]:
     """A ``medge sim NAME`` in this process; yields the server and the handler's device."""
     module = importlib.import_module(SIMULATORS[name])
     parser = argparse.ArgumentParser()
@@ -53,8 +53,7 @@ async def simulator(name: str, *argv: str, faults: Faults | None = None
     # A streaming simulator (uroflow) may still be writing when the gateway hangs up; its
     # session then ends in ConnectionResetError instead of HostDisconnected (reported).
     with contextlib.suppress(ConnectionResetError):
-        async with SimulatorServer(handler, Endpoint.parse("tcp://127.0.0.1:0"),
-                                   faults) as server:
+        async with SimulatorServer(handler, Endpoint.parse(where), faults) as server:
             yield server, getattr(handler, "__self__", None)
 
 
@@ -206,6 +205,22 @@ async def test_unplugged_device_raises_device_lost_and_recovers_by_itself(
     lost = [a for a in bodies(hospital, "oximeter", "alert") if a["alert"] == "device-lost"]
     assert [a["state"] for a in lost] == ["active", "cleared"]
     assert all(a["category"] == "technical" and a["patient"] is None for a in lost)
+
+
+async def test_a_device_with_port_auto_is_found_by_discovery(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    # a pty, like a USB serial port: a TCP simulator refuses the second probe's connection
+    # while it has not yet noticed that the first probe hung up
+    async with simulator("cms50", where="pty") as (oxi, _), Collector(broker.port) as hospital:
+        settings = gateway_settings(tmp_path, broker.port, [
+            {"name": "oximeter", "driver": "cms50", "port": "auto", "obs_interval_s": 0}])
+        settings["gateway"]["discovery"] = {"extra_ports": [oxi.address],
+                                            "poll_interval": 0.2, "probe_timeout": 1.0}
+        async with running_gateway(config.from_mapping(settings, CONFIG, source="test")):
+            await hospital.wait_for(lambda: len(bodies(hospital, "oximeter")) >= 2)
+    device = bodies(hospital, "oximeter")[0]["device"]["identifier"]["value"]
+    assert device == "cms50:SIM0001"  # the serial number the probe read from the device
 
 
 async def test_no_data_raises_stale_alerts_at_warn_then_urgent(

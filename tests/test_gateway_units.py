@@ -265,7 +265,9 @@ def base(devices: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("devices", "key", "reason"), [
     ([], "gateway.devices", "at least 1"),
-    ([{"name": "a", "driver": "cms50", "port": "auto"}], "gateway.devices[0]", "discovery"),
+    ([{"name": "a", "driver": "urine-astm", "port": "auto"}], "gateway.devices[0]", "probe"),
+    ([{"name": "a", "driver": "cms50", "port": "auto"},
+      {"name": "b", "driver": "cms50", "port": "auto"}], "gateway", "told apart"),
     ([{"name": "a", "driver": "modbus", "port": "/dev/ttyUSB0"}], "gateway.devices[0]", "map"),
     ([{"name": "a", "driver": "modbus", "port": "/dev/ttyUSB0", "map": "/nonexistent.toml"}],
      "gateway.devices[0]", "not found"),

@@ -21,7 +21,7 @@ import structlog
 from daemons.gateway import enrolment
 from daemons.gateway.alerts import Alert, AlertEngine, Priority, RulesSection, State
 from daemons.gateway.clock import ClockTracker, device_time_of, localize
-from daemons.gateway.devices import DeviceManager, DeviceRunner, DeviceSection
+from daemons.gateway.devices import AUTO, DeviceManager, DeviceRunner, DeviceSection, PortFinder
 from daemons.gateway.observations import CodeSpec, Context, codes_from_strings, effective_time
 from daemons.gateway.observations import observations as to_observations
 from daemons.gateway.status_page import (
@@ -32,6 +32,7 @@ from daemons.gateway.status_page import (
     read_status,
     write_atomically,
 )
+from drivers.discovery import DiscoveryConfig
 from drivers.measurement import Measurement
 from medge.config import bounds
 from medge.outbox import OutboxError
@@ -48,6 +49,8 @@ class GatewaySection:
     devices: tuple[DeviceSection, ...] = field(metadata=bounds(min=1))
     rules: RulesSection = field(default_factory=RulesSection)
     status: StatusSection = field(default_factory=StatusSection)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    """Used by devices with ``port = "auto"`` (docs/discovery.md)."""
     tick_s: float = field(default=1.0, metadata=bounds(min=0.05, max=60))
     """How often time-driven checks run (stale data, no signal, daily volume, enrolment)."""
 
@@ -55,6 +58,10 @@ class GatewaySection:
         names = [d.name for d in self.devices]
         if duplicate := next((n for n in names if names.count(n) > 1), None):
             raise ValueError(f"devices: name {duplicate!r} used twice")
+        probes = [d.probe_name for d in self.devices if d.port == AUTO]
+        if duplicate := next((p for p in probes if probes.count(p) > 1), None):
+            raise ValueError(f"devices: two {duplicate} devices with port = \"auto\" cannot be "
+                             "told apart; pin one of them to its port")
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,12 @@ class Gateway:
         self.enrolment = enrolment.EnrolmentWatcher(cfg.node.state_dir)
         self.engine = AlertEngine(section.rules, clock)
         self.board = StatusBoard(cfg.node.node, clock)
-        self.runners = [DeviceRunner(d, self._on_measurement, self._on_connection, clock)
+        auto = [d for d in section.devices if d.port == AUTO]
+        finder = PortFinder(auto, section.discovery) if auto else None
+        self.runners = [DeviceRunner(d, self._on_measurement, self._on_connection, clock,
+                                     finder if d.port == AUTO else None)
                         for d in section.devices]
-        self.manager = DeviceManager(self.runners)
+        self.manager = DeviceManager(self.runners, finder)
         self.clocks = {d.name: ClockTracker(d.clock_skew_s) for d in section.devices}
         self.codes: dict[str, dict[str, CodeSpec]] = {d.name: _device_codes(d)
                                                       for d in section.devices}

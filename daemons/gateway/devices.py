@@ -1,6 +1,7 @@
 """Device manager: one task per configured device, reconnecting with backoff (hot-plug), and
 stale-data detection (no data for longer than expected → technical alert).
 
+A device configured with ``port = "auto"`` waits for drivers/discovery.py to recognise it.
 Every driver family exposes ``measurements()`` as an async iterator over a composed
 :class:`~drivers.serial_link.SerialLink`; :data:`DRIVERS` says for each family how to open
 its line and build the driver. A device that is unplugged surfaces as a link error: the runner
@@ -22,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from drivers.discovery import DiscoveryConfig, Found
 from drivers.measurement import Measurement
 from drivers.serial_link import SerialLink, SerialSettings
 from medge.config import bounds
@@ -35,6 +37,9 @@ ASTM_SETTINGS = SerialSettings(9600, 8, "N", 1)
 PRINTOUT_SETTINGS = SerialSettings(9600, 8, "N", 1)
 UROFLOW_SETTINGS = SerialSettings(115200, 8, "N", 1)
 """docs/uroflow.md: USB CDC, 115200 8N1 suggested."""
+AUTO = "auto"
+AUTO_DRIVERS = frozenset({"cms50", "cms50-legacy", "modbus"})
+"""Drivers drivers/discovery.py can recognise on an unknown port (docs/discovery.md)."""
 CONTINUOUS_DRIVERS = frozenset({"cms50", "cms50-legacy", "modbus"})
 """Streaming devices: their routine observations are thinned to ``obs_interval_s``."""
 
@@ -71,9 +76,10 @@ class DeviceSection:
         check_topic_level("name", self.name)
         if not self.port:
             raise ValueError("port must name a tty, a pty or socket://HOST:PORT")
-        if self.port == "auto":
-            raise ValueError("port = \"auto\" needs device discovery, which this build lacks;"
-                             " give the port (e.g. /dev/serial/by-id/...)")
+        if self.port == AUTO and self.driver not in AUTO_DRIVERS:
+            raise ValueError(f"port = \"auto\" needs a protocol probe, which only "
+                             f"{', '.join(sorted(AUTO_DRIVERS))} have; give this device's port "
+                             "(its /dev/medge/... udev name)")
         if self.driver == "modbus":
             if self.map is None:
                 raise ValueError("a modbus device needs map = \"<register map TOML>\"")
@@ -89,6 +95,11 @@ class DeviceSection:
         except (ValueError, KeyError):
             raise ValueError(f"clock_timezone {self.clock_timezone!r} is not an IANA zone")\
                 from None
+
+    @property
+    def probe_name(self) -> str:
+        """The discovery probe that finds this device (one probe per register map)."""
+        return f"modbus:{self.name}" if self.driver == "modbus" else self.driver
 
     @property
     def publish_interval_s(self) -> float:
@@ -135,6 +146,45 @@ def open_driver(cfg: DeviceSection) -> Opened:
         lambda link: ModbusDevice(link, register_map, device_id=cfg.serial).measurements()
 
 
+class PortFinder:
+    """Runs discovery for the devices configured with ``port = "auto"`` and tells each one
+    the port its driver was recognised on; a device that fails is forgotten, so the next scan
+    probes its port afresh (docs/discovery.md)."""
+
+    def __init__(self, auto_devices: list[DeviceSection], settings: DiscoveryConfig) -> None:
+        from drivers.discovery import Discovery, standard_probes
+        from drivers.modbus_device import load_map
+
+        maps = {d.name: load_map(d.map) for d in auto_devices if d.map is not None}
+        self.discovery = Discovery(standard_probes(maps), settings)
+        self._found: dict[str, Found] = {}
+        self._changed = asyncio.Condition()
+        self._log = structlog.get_logger().bind(component="discovery")
+
+    async def run(self) -> None:
+        async for change in self.discovery.watch():
+            name = change.found.driver
+            self._log.info(f"device {change.kind}", driver=name, port=change.found.port.device)
+            async with self._changed:
+                if change.kind == "added":
+                    self._found[name] = change.found
+                elif self._found.get(name) == change.found:
+                    del self._found[name]
+                self._changed.notify_all()
+
+    async def port_for(self, probe_name: str) -> tuple[str, str]:
+        """Wait until discovery finds the device; its (port, device id from the probe)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: probe_name in self._found)
+            found = self._found[probe_name]
+        return found.port.device, found.identified.device_id if found.identified else ""
+
+    def lost(self, probe_name: str) -> None:
+        found = self._found.pop(probe_name, None)
+        if found is not None:
+            self.discovery.forget(found.key)
+
+
 Sink = Callable[["DeviceRunner", Measurement], Awaitable[None]]
 StateSink = Callable[["DeviceRunner", str, str], Awaitable[None]]
 
@@ -143,8 +193,10 @@ class DeviceRunner:
     """Reads one device for ever: open, stream, and on failure back off and reopen."""
 
     def __init__(self, cfg: DeviceSection, on_measurement: Sink, on_state: StateSink,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 finder: PortFinder | None = None) -> None:
         self.cfg = cfg
+        self.finder = finder
         self.zone = ZoneInfo(cfg.clock_timezone)
         self._on_measurement = on_measurement
         self._on_state = on_state
@@ -163,8 +215,12 @@ class DeviceRunner:
         settings, stream = open_driver(self.cfg)
         delay = self.cfg.reconnect_min_s
         while True:
+            port = self.cfg.port
+            if self.finder is not None:
+                port, serial = await self.finder.port_for(self.cfg.probe_name)
+                self.serial = self.serial or serial
             try:
-                async with SerialLink.open(self.cfg.port, settings) as link:
+                async with SerialLink.open(port, settings) as link:
                     await self._set_connection("connected", "")
                     async for m in stream(link):
                         delay = self.cfg.reconnect_min_s
@@ -178,6 +234,8 @@ class DeviceRunner:
                 raise
             except Exception as exc:  # any driver failure means: reopen later
                 await self._set_connection("lost", f"{type(exc).__name__}: {exc}")
+                if self.finder is not None:
+                    self.finder.lost(self.cfg.probe_name)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.cfg.reconnect_max_s)
 
@@ -202,15 +260,18 @@ class DeviceRunner:
 
 
 class DeviceManager:
-    """Starts a runner per device and stops them all on shutdown."""
+    """Starts a runner per device (and discovery, if a device asks for it) and stops them."""
 
-    def __init__(self, runners: list[DeviceRunner]) -> None:
+    def __init__(self, runners: list[DeviceRunner], finder: PortFinder | None = None) -> None:
         self.runners = runners
+        self.finder = finder
         self._tasks: list[asyncio.Task[Any]] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(r.run(), name=f"device-{r.cfg.name}")
                        for r in self.runners]
+        if self.finder is not None:
+            self._tasks.append(asyncio.create_task(self.finder.run(), name="discovery"))
 
     async def stop(self) -> None:
         for task in self._tasks:
