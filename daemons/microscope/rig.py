@@ -9,6 +9,7 @@ real rig uses the serial port and UVC cameras unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ class SimulatorSection:
     focal_tilt_um_per_mm: tuple[float, ...] = field(default=(0.8, -0.5),
                                                     metadata=bounds(min=2, max=2))
     """The slide is never flat: the best focus drifts this much per mm in x and y."""
+    fault_reset_after_captures: int = field(default=0, metadata=bounds(min=0))
+    """Fault for tests: the controller reboots (alarm, position lost) after this many tile-camera
+    frames; 0: never."""
+    fault_camera_lost_after_captures: int = field(default=0, metadata=bounds(min=0))
+    """Fault for tests: the tile camera drops off USB after this many frames; 0: never."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def load_objectives(path: Path) -> dict[str, Objective]:
     return objectives
 
 
-def test_slide(seed: int) -> ImageSlide:
+def small_slide(seed: int) -> ImageSlide:
     """A 3.2 x 2.4 mm slide with one irregular tissue patch, glass around it; cheap to render.
 
     Stained texture: eosin stroma with haematoxylin dots, strong enough for focus and overlap.
@@ -124,7 +130,7 @@ def make_slide(section: SimulatorSection) -> Slide:
     if section.slide == "procedural":
         return ProceduralSlide(seed=section.seed)
     if section.slide == "test":
-        return test_slide(section.seed)
+        return small_slide(section.seed)
     return ImageSlide.from_file(Path(section.slide), section.slide_um_per_px)
 
 
@@ -146,6 +152,9 @@ class SlideCamera(Camera):
         self.focal_z = focal_z
         self.unplugged = False
         """Fault injection: captures fail as with a camera lost from USB."""
+        self.captures = 0
+        self.on_capture: Callable[[int], None] = lambda count: None
+        """Called (worker thread) after each frame with the number taken so far."""
 
     def _do_open(self) -> None:
         pass
@@ -160,6 +169,8 @@ class SlideCamera(Camera):
         width, height = self.settings.resolution
         um_per_px = self.objective.um_per_px
         frame = self.slide.render(left, top, width, height, um_per_px)
+        self.captures += 1
+        self.on_capture(self.captures)
         if self.focal_z is None:
             return frame
         defocus = z - self.focal_z(left + width * um_per_px / 2, top + height * um_per_px / 2)
@@ -231,6 +242,15 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
     overview = SlideCamera("overview", slide, macro, lambda: (0.0, 0.0, 0.0),
                            settings=CameraSettings(resolution=whole))
     label_width = getattr(slide, "label_width_um", 0.0)
-    return Rig(GrblStage("socket://127.0.0.1:0", grbl),
-               SlideCamera("tiles", slide, objective, carriage_on_slide, focal_z, settings),
-               overview, label_width_um=float(label_width), machine=machine, server=server)
+    tiles = SlideCamera("tiles", slide, objective, carriage_on_slide, focal_z, settings)
+    loop = asyncio.get_running_loop()
+
+    def inject_faults(count: int) -> None:
+        if count == simulator.fault_reset_after_captures:
+            loop.call_soon_threadsafe(machine.spurious_reset)
+        if count == simulator.fault_camera_lost_after_captures:
+            tiles.unplugged = True
+
+    tiles.on_capture = inject_faults
+    return Rig(GrblStage("socket://127.0.0.1:0", grbl), tiles, overview,
+               label_width_um=float(label_width), machine=machine, server=server)

@@ -77,17 +77,19 @@ def plan_tiles(tissue: Mask, overview_um_per_px: float, geometry: Geometry, marg
                ) -> list[tuple[float, float]]:
     """Tile top-left positions (slide µm) in serpentine order: only tiles whose field touches
     tissue grown by ``margin_um``, inside ``area_um`` (default: the tissue's bounding box)."""
-    grow = max(1, round(margin_um / overview_um_per_px))
-    grown = np.asarray(cv2.dilate(tissue.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1),
-                                                                   np.uint8)), np.uint8)
+    grow = round(margin_um / overview_um_per_px)
+    grown = tissue.astype(np.uint8)
+    if grow > 0:
+        grown = np.asarray(cv2.dilate(grown, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)),
+                           np.uint8)
     if area_um is None:
         rows, cols = np.nonzero(tissue)
         if rows.size == 0:
             return []
-        area_um = (cols.min() * overview_um_per_px - margin_um,
-                   rows.min() * overview_um_per_px - margin_um,
-                   (cols.max() + 1) * overview_um_per_px + margin_um,
-                   (rows.max() + 1) * overview_um_per_px + margin_um)
+        area_um = (float(cols.min()) * overview_um_per_px - margin_um,
+                   float(rows.min()) * overview_um_per_px - margin_um,
+                   float(cols.max() + 1) * overview_um_per_px + margin_um,
+                   float(rows.max() + 1) * overview_um_per_px + margin_um)
     x0, y0, x1, y1 = area_um
     field_w, field_h = geometry.field_um
     step_x, step_y = geometry.step_um
@@ -193,6 +195,11 @@ class Motion:
         await self.goto(x, y, z)
         return await self.camera.capture()
 
+    def reported(self) -> tuple[float, float, float]:
+        """Where the controller says the stage is, in slide µm (z in machine µm)."""
+        position = self.stage.position_um
+        return position.x - self.origin_um[0], position.y - self.origin_um[1], position.z
+
 
 async def measure_focus(motion: Motion, x: float, y: float, guess_z: float, range_um: float,
                         step_um: float, min_contrast: float) -> tuple[float, float]:
@@ -218,7 +225,8 @@ TileSink = Callable[[int, RgbImage, tuple[float, float, float]], Awaitable[None]
 
 async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_tiles: int,
                   store_tile: TileSink) -> None:
-    """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined."""
+    """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined; each
+    is stored with the position the controller reported once the stage stood still."""
     queue: asyncio.Queue[tuple[int, RgbImage, tuple[float, float, float]] | None]
     queue = asyncio.Queue(maxsize=buffer_tiles)
 
@@ -226,9 +234,8 @@ async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_til
         for index, (x, y) in enumerate(state.plan):
             if index in state.tiles:
                 continue
-            z = focus.z_at(x, y)
-            frame = await motion.shoot(x, y, z)
-            await queue.put((index, frame, (x, y, z)))
+            frame = await motion.shoot(x, y, focus.z_at(x, y))
+            await queue.put((index, frame, motion.reported()))
         await queue.put(None)
 
     async def storage_side() -> None:

@@ -1,0 +1,237 @@
+"""Scan building blocks without processes: job validation, durable state, tissue detection,
+tile planning, focus fitting, tile checksums and mosaic placement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemons.microscope import scan
+from daemons.microscope.jobs import (
+    JobError,
+    JobSpec,
+    JobState,
+    JobStore,
+    StateCorrupt,
+    TileRecord,
+    new_job_id,
+    parse_spec,
+)
+from daemons.microscope.rig import load_objectives, small_slide
+from medge.config import ConfigError
+
+OBJECTIVES = {"10x", "20x"}
+VALID: dict[str, Any] = {"barcode": "S-001", "accession": "ACC.42", "patient": "P_9",
+                         "objective": "20x"}
+
+
+def test_a_valid_job_keeps_every_field() -> None:
+    spec = parse_spec({**VALID, "stain": "H", "area_mm": [1, 2, 3, 4.5], "pacs": "lab",
+                       "folder": "/srv/wsi", "jpeg_quality": 80}, OBJECTIVES, {"lab"})
+    assert spec == JobSpec("S-001", "ACC.42", "P_9", "20x", "H", (1.0, 2.0, 3.0, 4.5), "lab",
+                           "/srv/wsi", 80)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"barcode": ""}, "barcode"),
+    ({"barcode": "../etc"}, "barcode"),
+    ({"accession": 12}, "accession"),
+    ({"patient": None}, "patient"),
+    ({"objective": "63x"}, "objective"),
+    ({"stain": "PAS"}, "stain"),
+    ({"jpeg_quality": 0}, "jpeg_quality"),
+    ({"jpeg_quality": True}, "jpeg_quality"),
+    ({"area_mm": [1, 2, 3]}, "area_mm"),
+    ({"area_mm": [3, 2, 1, 4]}, "area_mm"),
+    ({"area_mm": [1, 2, float("nan"), 4]}, "area_mm"),
+    ({"area_mm": "1,2,3,4"}, "area_mm"),
+    ({"pacs": "nowhere"}, "pacs"),
+    ({"folder": "relative/dir"}, "folder"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_an_invalid_job_names_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(JobError) as caught:
+        parse_spec({**VALID, **change}, OBJECTIVES, {"lab"})
+    assert caught.value.field == field
+
+
+def test_a_job_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(JobError, match="JSON object"):
+        parse_spec(["S-001"], OBJECTIVES, set())
+
+
+def test_job_state_survives_a_round_trip_through_the_store(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    state = JobState(new_job_id(), parse_spec({**VALID, "area_mm": [0, 0, 1, 1]}, OBJECTIVES,
+                                              set()))
+    state.plan = [(0.0, 0.0), (144.0, 0.0)]
+    state.tiles[1] = TileRecord(1, 144.0, 0.0, -5000.0, "ab" * 32)
+    state.focus = {"plane": {"c0": -5000.0, "cx": 0.0, "cy": 0.0}}
+    store.save(state)
+    loaded = store.load(state.id)
+    assert loaded == state
+    assert loaded.first_missing_tile() == 0
+    assert not list(tmp_path.glob("*/.state.json.tmp"))
+
+
+def test_a_corrupt_state_file_is_reported_not_dropped(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    good = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()))
+    store.save(good)
+    broken = tmp_path / "20260101-000000-abcdef"
+    broken.mkdir()
+    (broken / "state.json").write_text("{not json")
+    jobs, problems = store.load_all()
+    assert [job.id for job in jobs] == [good.id]
+    assert len(problems) == 1 and "20260101-000000-abcdef" in problems[0]
+    with pytest.raises(StateCorrupt):
+        store.load("20260101-000000-abcdef")
+    with pytest.raises(JobError, match="not a job id"):
+        store.load("../../etc")
+
+
+def test_tissue_is_found_where_the_slide_is_stained() -> None:
+    slide = small_slide(seed=3)
+    overview = slide.render(0, 0, 160, 120, 20.0)
+    mask = scan.detect_tissue(overview)
+    # The test slide's patch is centred at 55 % / 50 % of the slide; its corners are glass.
+    assert mask[60, 88]
+    assert not mask[:5, :5].any() and not mask[-5:, -5:].any()
+    assert 0.1 < mask.mean() < 0.6
+    assert not scan.detect_tissue(overview, label_width_px=160).any()
+
+
+def test_the_plan_is_serpentine_and_skips_tiles_without_tissue() -> None:
+    tissue = np.zeros((100, 100), bool)
+    tissue[10:30, 10:30] = True  # 200 x 200 µm at 10 µm/px, from (100, 100) µm
+    tissue[70:75, 70:75] = True  # a small island far away
+    geometry = scan.Geometry(um_per_px=1.0, width_px=100, height_px=100, overlap=0.0)
+    plan = scan.plan_tiles(tissue, 10.0, geometry, margin_um=0.0)
+    assert len(plan) == len(set(plan))
+    first_row = min(y for _, y in plan)
+    for row in sorted({y for _, y in plan}):  # serpentine: even grid rows left to right
+        xs = [x for x, y in plan if y == row]
+        assert xs == sorted(xs, reverse=round((row - first_row) / 100) % 2 == 1)
+    assert [y for _, y in plan] == sorted(y for _, y in plan)  # row by row
+    mask_area = np.kron(tissue, np.ones((10, 10), bool))
+    for x, y in plan:
+        assert mask_area[int(y):int(y) + 100, int(x):int(x) + 100].any(), (x, y)
+    # Every tissue pixel is covered by some tile.
+    covered = np.zeros_like(mask_area)
+    for x, y in plan:
+        covered[int(y):int(y) + 100, int(x):int(x) + 100] = True
+    assert covered[mask_area].all()
+    full_grid = 9 * 9
+    assert len(plan) < full_grid
+
+
+def test_the_plan_respects_a_given_area_and_the_margin() -> None:
+    tissue = np.zeros((100, 100), bool)
+    tissue[50, 50] = True
+    geometry = scan.Geometry(um_per_px=1.0, width_px=100, height_px=100, overlap=0.1)
+    assert scan.plan_tiles(tissue, 10.0, geometry, 0.0, area_um=(0, 0, 300, 300)) == []
+    with_margin = scan.plan_tiles(tissue, 10.0, geometry, 200.0, area_um=(0, 0, 300, 300))
+    assert with_margin and all(x + 100 <= 300 + 90 and y + 100 <= 300 + 90
+                               for x, y in with_margin)
+
+
+def test_a_plane_is_recovered_from_focus_points() -> None:
+    truth = scan.FocusPlane(-5000.0, 0.0008, -0.0005)
+    points = [(x, y, truth.z_at(x, y)) for x, y in ((0, 0), (2000, 0), (0, 1500), (900, 700))]
+    fitted = scan.FocusPlane.fit(points)
+    for x, y, z in points:
+        assert fitted.z_at(x, y) == pytest.approx(z, abs=1e-6)
+    assert scan.FocusPlane.fit(points[:2]).cx == 0.0
+
+
+def test_best_focus_interpolates_the_peak() -> None:
+    zs = [-10.0, -5.0, 0.0, 5.0, 10.0]
+    scores = [-(z - 1.5) ** 2 + 100 for z in zs]
+    assert scan.best_focus(zs, scores) == pytest.approx(1.5)
+    assert scan.best_focus(zs, [5, 4, 3, 2, 1]) == -10.0
+
+
+def test_focus_points_are_spread_and_unique() -> None:
+    plan = [(x * 100.0, y * 100.0) for y in range(4) for x in range(5)]
+    chosen = scan.focus_points(plan, 5)
+    assert len(chosen) == len(set(chosen)) == 5
+    assert {plan[i] for i in chosen} >= {(0.0, 0.0), (400.0, 300.0), (400.0, 0.0), (0.0, 300.0)}
+    assert scan.focus_points(plan[:1], 5) == [0]
+
+
+def test_a_damaged_tile_is_dropped_for_recapture(tmp_path: Path) -> None:
+    state = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()))
+    state.plan = [(0.0, 0.0), (10.0, 0.0)]
+    frame = np.full((8, 8, 3), 100, np.uint8)
+    for index in (0, 1):
+        digest = scan.save_tile(scan.tile_path(tmp_path, index), frame)
+        state.tiles[index] = TileRecord(index, 0.0, 0.0, 0.0, digest)
+    scan.tile_path(tmp_path, 1).write_bytes(b"truncated")
+    assert scan.verify_tiles(state, tmp_path) == [1]
+    assert list(state.tiles) == [0]
+    assert state.first_missing_tile() == 1
+
+
+def test_the_mosaic_reproduces_the_slide_from_overlapping_tiles(tmp_path: Path) -> None:
+    slide = small_slide(seed=1)
+    geometry = scan.Geometry(um_per_px=1.0, width_px=64, height_px=48, overlap=0.25)
+    step_x, step_y = geometry.step_um
+    records = []
+    for index, (x, y) in enumerate((1000 + c * step_x, 900 + r * step_y)
+                                   for r in range(3) for c in range(4)):
+        digest = scan.save_tile(scan.tile_path(tmp_path, index),
+                                slide.render(x, y, 64, 48, 1.0))
+        records.append(TileRecord(index, x, y, 0.0, digest))
+    level, stitching = scan.compose(records, tmp_path, geometry, tmp_path / "work")
+    expected = slide.render(1000, 900, level.width, level.height, 1.0)
+    assert np.array_equal(np.asarray(level.array), expected)
+    assert stitching["pairs"] == 9 and stitching["residual_px"] < 0.5
+    levels = scan.pyramid(level, tmp_path / "work")
+    assert [lv.width for lv in levels] == [level.width]  # already below one pyramid tile
+    tiles = list(level.tiles())
+    assert len(tiles) == 1 and tiles[0].shape == (scan.PYRAMID_TILE, scan.PYRAMID_TILE, 3)
+
+
+def test_halving_a_level_averages_pixel_blocks(tmp_path: Path) -> None:
+    base = scan.MemmapLevel(tmp_path / "a.npy", 600, 300, um_per_px=0.5)
+    base.array[:, :300] = 0
+    half = base.half(tmp_path / "b.npy")
+    assert (half.width, half.height, half.pixel_spacing_um) == (300, 150, 1.0)
+    assert (half.array[:, :150] == 0).all() and (half.array[:, 150:] == 255).all()
+    reopened = scan.MemmapLevel(tmp_path / "b.npy", um_per_px=1.0)
+    assert np.array_equal(np.asarray(reopened.array), np.asarray(half.array))
+
+
+def test_the_objectives_file_names_a_bad_entry(tmp_path: Path) -> None:
+    good = load_objectives(Path(__file__).parents[1] / "config" / "objectives.toml")
+    assert good["20x"].um_per_px == 0.5
+    bad = tmp_path / "objectives.toml"
+    bad.write_text("[objectives.20x]\nmagnification = 20\nnumerical_aperture = 1.2\n"
+                   "um_per_px = 0.5\n")
+    with pytest.raises(ConfigError, match="objectives.20x"):
+        load_objectives(bad)
+    bad.write_text("[objectives.20x]\nmagnification = 20\nnumerical_aperture = 0.4\n")
+    with pytest.raises(ConfigError, match="um_per_px"):
+        load_objectives(bad)
+
+
+def test_report_is_json_serialisable_and_renders() -> None:
+    from daemons.microscope import report
+
+    state = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()), status="done")
+    state.plan = [(0.0, 0.0)]
+    state.tiles[0] = TileRecord(0, 0.0, 0.0, 0.0, "00")
+    state.focus = {"residuals_um": [0.2, -0.4], "plane": {"c0": 1.0, "cx": 0.0, "cy": 0.0}}
+    state.timings = {"acquire": 1.25, "focus": 2.0}
+    built = report.build(state, {"ok": False, "errors": 1, "findings": [
+        {"file": "x", "check": "dciodvfy", "message": "bad", "fatal": True}]},
+        {"placement": "stage positions", "residual_px": 0.3, "rejected_pairs": 2})
+    json.dumps(built)
+    text = report.render(built)
+    assert "1 planned, 1 captured" in text and "max residual 0.40 µm" in text
+    assert "FAILED (1 error(s))" in text and "rejected pairs 2" in text
+    assert list(built["timings_s"]) == ["focus", "acquire"]
