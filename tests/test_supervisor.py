@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemons.manipulator.kinematics import HolderKinematics, ProbePose, Twist, WorkspaceBox
 from daemons.manipulator.supervisor import (
@@ -405,3 +407,57 @@ def test_a_stop_under_uneven_cycle_times_stays_stopped(seed: int) -> None:
         assert not (stopped and out.status.moving)
         stopped = stopped or not out.status.moving
     assert stopped
+
+
+EVENTS = st.lists(st.tuples(st.sampled_from(
+    ["send", "send_released", "silence", "press", "spike", "relax", "sensor_dead", "sensor_back",
+     "estop", "reset", "arm", "disarm", "intruder"]), st.integers(1, 40)), min_size=1, max_size=14)
+TWISTS = st.builds(Twist, st.tuples(*[st.floats(-0.08, 0.08)] * 3),
+                   st.tuples(*[st.floats(-0.8, 0.8)] * 3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS, TWISTS)
+def test_safety_invariants_hold_for_any_sequence_of_events(
+    events: list[tuple[str, int]], twist: Twist
+) -> None:
+    """Whatever happens, in any order: no velocity step, goals inside the limits, and motion
+    only shortly after a fresh enabled setpoint (or while retracting from excess force)."""
+    rig = Rig()
+    cfg = rig.sup.config
+    geometry = rig.kin.geometry
+    grace = cfg.stale_s + cfg.stopping_time() + 2 * PERIOD
+    last_permit: float | None = None
+    """Last cycle with a reason to move: a fresh enabled setpoint, or a force retract."""
+    estop_at: float | None = None
+    for event, cycles in events:
+        if event == "arm":
+            rig.sup.arm(rig.operator, rig.joints())
+        elif event == "disarm":
+            rig.sup.disarm(rig.operator)
+        elif event == "estop":
+            rig.sup.estop(Reason.ESTOP_COMMAND)
+            estop_at = estop_at or rig.clock.now
+        elif event == "reset" and rig.sup.reset(rig.joints(), HEALTHY).granted:
+            estop_at = None
+        elif event in ("spike", "press", "relax"):
+            rig.force_n = {"spike": 30.0, "press": 18.0, "relax": 2.0}[event]
+        elif event in ("sensor_dead", "sensor_back"):
+            rig.sensor_alive = event == "sensor_back"
+        for _ in range(cycles):
+            setpoint = None
+            if event in ("send", "send_released", "intruder"):
+                setpoint = rig.setpoint(enable=event != "send_released", twist=twist,
+                                        operator="mallory" if event == "intruder" else None)
+            out = rig.cycle(setpoint)
+            status = out.status
+            if (setpoint is not None and setpoint.enable and event == "send"
+                    and rig.sup.operator == rig.operator) or Reason.FORCE_LIMIT in status.reasons:
+                last_permit = rig.clock.now
+            for q, low, high in zip(out.joint_goals, geometry.lower, geometry.upper, strict=True):
+                assert low <= q <= high
+            if status.moving:
+                assert last_permit is not None and rig.clock.now - last_permit <= grace
+            if status.state is ArmState.ESTOP and status.moving:
+                assert estop_at is not None and rig.clock.now - estop_at <= grace
+    assert_smooth(rig.outputs, cfg)

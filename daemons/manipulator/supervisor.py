@@ -536,10 +536,14 @@ class Supervisor:
             a_max = cfg.max_linear_accel if linear else cfg.max_angular_accel
             j_max = cfg.max_linear_jerk if linear else cfg.max_angular_jerk
             error = wanted[i] - self._rates[i]
-            if abs(error) <= j_max * dt * dt and abs(self._accels[i]) <= j_max * dt:
-                self._rates[i], self._accels[i] = wanted[i], 0.0
-                continue
             step = j_max * dt
+            if error == 0:
+                self._accels[i] = 0.0  # on the wanted rate: stay there
+                continue
+            if abs(error) <= step * dt and abs(error / dt - self._accels[i]) <= step:
+                # land on the wanted rate: the jerk into this step and out of it are in limits
+                self._rates[i], self._accels[i] = wanted[i], error / dt
+                continue
             # the acceleration from which easing off by one jerk step per cycle lands exactly
             # on the wanted rate (a discrete S-curve: n(n+1)/2 steps of step·dt)
             cycles = (math.sqrt(1 + 8 * abs(error) / (step * dt)) - 1) / 2
