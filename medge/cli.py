@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "medge.gatewaycli",
     "medge.wsicli",
     "medge.scancli",
+    "medge.pkicli",
 ]
 
 
