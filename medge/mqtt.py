@@ -198,7 +198,7 @@ class MqttLink:
         subscription = Subscription(topic_filter, handler, qos)
         self._subscriptions.append(subscription)
         client = self._client
-        if client is not None and self.connected.is_set():
+        if client is not None:  # connected, or still restoring (which may have passed us)
             task = asyncio.create_task(self._subscribe_now(client, subscription))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

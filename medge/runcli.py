@@ -15,6 +15,7 @@ from medge.service import Service
 DAEMONS: dict[str, str] = {
     "gateway": "daemons.gateway.daemon",
     "microscope": "daemons.microscope.daemon",
+    "manipulator": "daemons.manipulator.daemon",
 }
 """Daemon name -> module providing ``CONFIG`` (a DaemonConfig schema) and
 ``async main(cfg, service)``."""
