@@ -226,25 +226,38 @@ TileSink = Callable[[int, RgbImage, tuple[float, float, float]], Awaitable[None]
 async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_tiles: int,
                   store_tile: TileSink) -> None:
     """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined; each
-    is stored with the position the controller reported once the stage stood still."""
+    is stored with the position the controller reported once the stage stood still.
+
+    When the stage side fails (alarm, lost camera, cancel) the frames already taken are still
+    stored before the error propagates: nothing captured is thrown away.
+    """
     queue: asyncio.Queue[tuple[int, RgbImage, tuple[float, float, float]] | None]
     queue = asyncio.Queue(maxsize=buffer_tiles)
-
-    async def stage_side() -> None:
-        for index, (x, y) in enumerate(state.plan):
-            if index in state.tiles:
-                continue
-            frame = await motion.shoot(x, y, focus.z_at(x, y))
-            await queue.put((index, frame, motion.reported()))
-        await queue.put(None)
 
     async def storage_side() -> None:
         while (item := await queue.get()) is not None:
             await store_tile(*item)
 
-    async with asyncio.TaskGroup() as group:
-        group.create_task(stage_side(), name="scan-stage")
-        group.create_task(storage_side(), name="scan-storage")
+    storage = asyncio.create_task(storage_side(), name="scan-storage")
+
+    async def hand_over(item: tuple[int, RgbImage, tuple[float, float, float]] | None) -> None:
+        """Queue ``item``, or surface the storage side's failure instead of waiting forever."""
+        put = asyncio.ensure_future(queue.put(item))
+        await asyncio.wait({put, storage}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            await storage  # raises the storage failure
+
+    try:
+        for index, (x, y) in enumerate(state.plan):
+            if index in state.tiles:
+                continue
+            frame = await motion.shoot(x, y, focus.z_at(x, y))
+            await hand_over((index, frame, motion.reported()))
+    finally:
+        if not storage.done():
+            await hand_over(None)
+        await storage
 
 
 def save_tile(path: Path, frame: RgbImage) -> str:
