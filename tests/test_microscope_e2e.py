@@ -35,7 +35,7 @@ class Scanner:
     """One daemon process and the CLI pointed at it."""
 
     def __init__(self, workdir: Path, broker: Mosquitto, pacs: Orthanc | None = None,
-                 **simulator: Any) -> None:
+                 disk_reserve_mb: float = 1.0, **simulator: Any) -> None:
         self.workdir = workdir
         self.config = workdir / "microscope.toml"
         self.log = workdir / "daemon.log"
@@ -60,7 +60,7 @@ reconnect_min = 0.05
 reconnect_max = 0.5
 [microscope]
 objectives_file = "{OBJECTIVES}"
-{pacs_line}disk_reserve_mb = 1
+{pacs_line}disk_reserve_mb = {disk_reserve_mb}
 focus_points = 3
 [microscope.stage]
 slide_origin_um = [-10000.0, -10000.0]
@@ -146,10 +146,10 @@ def finished(state: dict[str, Any]) -> bool:
 def scanners(tmp_path: Path, broker: Mosquitto) -> Iterator[Callable[..., Scanner]]:
     made: list[Scanner] = []
 
-    def make(name: str = "a", pacs: Orthanc | None = None, **simulator: Any) -> Scanner:
+    def make(name: str = "a", pacs: Orthanc | None = None, **options: Any) -> Scanner:
         directory = tmp_path / name
         directory.mkdir()
-        scanner = Scanner(directory, broker, pacs, **simulator)
+        scanner = Scanner(directory, broker, pacs, **options)
         scanner.start()
         made.append(scanner)
         return scanner
@@ -314,3 +314,35 @@ def test_pacs_down_during_delivery_spools_then_delivers(
         assert delivered["status"] == "done"
     finally:
         pacs.stop()
+
+
+def test_blank_focus_fails_clearly_and_the_stage_and_camera_commands_work(
+        scanners: Callable[..., Scanner], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    scanner = scanners(focal_plane_z_um=-4000.0)  # 1 mm above where focus is searched
+    job = scanner.submit(capsys)
+    final = scanner.wait_for(job, finished)
+    assert final["status"] == "failed" and "blank focus" in final["message"]
+    status, out, err = scanner.cli(capsys, "stage", "jog", "--dx", "250", "--dz", "-20")
+    assert status == 0, err
+    status, out, _ = scanner.cli(capsys, "stage", "where", "--json")
+    before = json.loads(out)["stage_um"]
+    status, out, err = scanner.cli(capsys, "stage", "jog", "--dx", "-100", "--dy", "50")
+    assert status == 0, err
+    after = json.loads(scanner.cli(capsys, "stage", "where", "--json")[1])["stage_um"]
+    assert after == pytest.approx([before[0] - 100, before[1] + 50, before[2]], abs=1.0)
+    snapshot = tmp_path / "frame.png"
+    status, out, err = scanner.cli(capsys, "camera", "snapshot", str(snapshot))
+    assert status == 0, err
+    assert snapshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "320x240" in out
+    status, out, err = scanner.cli(capsys, "camera", "list")
+    assert status == 0 and "tiles" in out and "overview" in out
+
+
+def test_a_nearly_full_disk_refuses_the_scan_before_moving(
+        scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
+    scanner = scanners(disk_reserve_mb=1e9)
+    job = scanner.submit(capsys)
+    final = scanner.wait_for(job, finished)
+    assert final["status"] == "failed" and "disk nearly full" in final["message"]
+    assert final["phase"] == "plan" and final["tiles_done"] == 0

@@ -30,6 +30,7 @@ from medge.config import ConfigError, bounds, load
 SIM = "sim"
 TEST_SLIDE_SIZE_PX = (3200, 2400)
 TEST_SLIDE_UM_PER_PX = 1.0
+MAX_BLUR_SIGMA_PX = 25.0
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class SlideCamera(Camera):
         if self.focal_z is None:
             return frame
         defocus = z - self.focal_z(left + width * um_per_px / 2, top + height * um_per_px / 2)
-        sigma = abs(defocus) / self.objective.depth_of_field_um
+        # Far out of focus the image is featureless anyway; the cap keeps the blur cheap.
+        sigma = min(abs(defocus) / self.objective.depth_of_field_um, MAX_BLUR_SIGMA_PX)
         if sigma > 0.2:
             frame = np.asarray(cv2.GaussianBlur(frame, (0, 0), sigma), np.uint8)
         return frame
