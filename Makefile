@@ -21,3 +21,26 @@ check: lint test
 
 bench: setup
 	$(PY) -m bench
+
+# Deployment on an edge box (docs/operations.md); none of these are part of `make test`.
+.PHONY: install uninstall sbom audit
+PREFIX ?= /opt/medge
+SBOM_PYTHON ?= $(PY)
+
+install:
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" bash scripts/install.sh install
+
+uninstall:
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" PURGE="$(PURGE)" bash scripts/install.sh uninstall
+
+# CycloneDX SBOM of an environment: this venv by default, SBOM_PYTHON=/opt/medge/bin/python on a box
+sbom: setup
+	$(PY) -m pip install -q "cyclonedx-bom>=4"
+	@mkdir -p build
+	$(VENV)/bin/cyclonedx-py environment --pyproject pyproject.toml --of JSON \
+		-o build/sbom.cdx.json $(SBOM_PYTHON)
+	@echo "sbom: build/sbom.cdx.json"
+
+audit: setup
+	$(PY) -m pip install -q "pip-audit>=2.7"
+	$(PY) scripts/audit.py $(PY)
