@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -251,8 +252,8 @@ def _outbox_device_times(state_dir: Path) -> set[str]:
     return {json.loads(row[0])["extension"][0]["valueDateTime"] for row in rows}
 
 
-def _start_gateway(config_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _start_gateway(config_path: Path, **extra_env: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra_env}
     return subprocess.Popen([sys.executable, "-m", "medge.cli", "run", "gateway", "--config",
                              str(config_path)], env=env, stdout=subprocess.DEVNULL)
 
@@ -359,3 +360,40 @@ def _pads_by_strip(hospital: Collector) -> dict[str, set[str]]:
 
 def _received_strips(hospital: Collector) -> set[str]:
     return {time for time, pads in _pads_by_strip(hospital).items() if len(pads) == 10}
+
+
+async def test_sigterm_stops_cleanly_after_ready_was_notified(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """systemd's view: READY=1 on the notify socket once devices started, a clean exit on
+    SIGTERM with a last status (stopped) and the retained offline status at the broker."""
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    settings = gateway_settings(tmp_path / "state", broker.port, [
+        {"name": "oximeter", "driver": "cms50", "port": "socket://127.0.0.1:9"}])
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(_toml(settings))
+    loop = asyncio.get_running_loop()
+    async with Collector(broker.port, topic_filter="+/+/+/+/gateway/status") as hospital:
+        gateway = _start_gateway(config_path, NOTIFY_SOCKET=str(notify_path))
+        try:
+            received = b""
+            async with asyncio.timeout(30):
+                while b"READY=1" not in received:
+                    received += await loop.sock_recv(notify, 4096)
+            await hospital.wait_for(lambda: any(m["state"] == "online"
+                                                for _, m in hospital.messages))
+            gateway.send_signal(signal.SIGTERM)
+            returncode = await asyncio.wait_for(asyncio.to_thread(gateway.wait), 20)
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait()
+            notify.close()
+        await hospital.wait_for(lambda: hospital.messages[-1][1]["state"] == "offline")
+    assert returncode == 0
+    assert b"STATUS=1 devices started" in received
+    status = json.loads((tmp_path / "state" / "gateway-status.json").read_text())
+    assert status["stopped"] is True
