@@ -109,6 +109,13 @@ def test_no_valid_signal_for_too_long_raises_then_clears_on_valid_data() -> None
     assert [(a.rule, a.state) for a in cleared] == [("no-valid-signal", "cleared")]
 
 
+def test_no_valid_signal_counts_from_the_first_data_when_the_probe_was_never_worn() -> None:
+    eng = engine(no_signal_s=300)
+    eng.feed("oxi", oximetry(None, 0, FINGER_OUT), T0)
+    assert eng.tick(T0 + timedelta(seconds=299)) == []
+    assert [a.rule for a in eng.tick(T0 + timedelta(seconds=300))] == ["no-valid-signal"]
+
+
 def vent(leak: float = 20.0, alarms: str = "none", at: datetime = T0) -> Measurement:
     return measure(Reading("vent.leak", leak, "L/min"),
                    Reading("vent.alarms", 0.0, "1", text=alarms), at=at)

@@ -218,6 +218,8 @@ class AlertEngine:
         spo2, pulse = q.get("spo2"), q.get("pulse_rate")
         flags = frozenset().union(*(r.flags for r in (spo2, pulse) if r is not None))
         if flags & INVALID_OXIMETRY_FLAGS or spo2 is None or spo2.value is None:
+            # a probe never worn counts from the oximeter's first data, not from never
+            self._last_valid_oximetry.setdefault(device, at)
             return []
         alerts: list[Alert] = []
         self._last_valid_oximetry[device] = at
