@@ -96,6 +96,8 @@ class Gateway:
         self._last_published: dict[str, datetime] = {}
         self._last_waveform: dict[str, datetime] = {}
         self._skewed: set[str] = set()
+        self._lost: set[str] = set()
+        """Devices with an active device-lost alert (cleared when they connect again)."""
         self.page = StatusPage(self.board, section.status.bind, section.status.port) \
             if section.status.http else None
         self._status_path = cfg.node.state_dir / STATUS_FILE
@@ -212,9 +214,11 @@ class Gateway:
         name = runner.cfg.name
         self.board.devices[name].connection = runner.connection
         if runner.connection == "lost" and previous == "connected":
+            self._lost.add(name)
             await self._technical(name, "device-lost", "active",
                                   f"device disconnected ({reason}); reconnecting")
-        elif runner.connection == "connected" and previous == "lost":
+        elif runner.connection == "connected" and name in self._lost:
+            self._lost.discard(name)
             await self._technical(name, "device-lost", "cleared", "device connected again")
 
     async def _ticker(self) -> None:

@@ -217,6 +217,7 @@ class DeviceRunner:
         while True:
             port = self.cfg.port
             if self.finder is not None:
+                await self._set_connection("searching", "")
                 port, serial = await self.finder.port_for(self.cfg.probe_name)
                 self.serial = self.serial or serial
             try:
