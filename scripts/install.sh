@@ -120,7 +120,9 @@ do_install() {
     done
     create_user
 
-    install -d -m 0750 "$(root "$SYSCONFDIR")" "$(root "$SYSCONFDIR/tls")"
+    install -d -m 0750 "$(root "$SYSCONFDIR")"
+    # the box's key is made here by the medge user (medge pki request) and read only by it
+    install -d -m 0700 "$(root "$SYSCONFDIR/tls")"
     put_config "$REPO/config/gateway.toml" gateway-main.toml gateway-main
     for daemon in microscope manipulator; do
         [ -e "$REPO/config/$daemon.toml" ] && put_config "$REPO/config/$daemon.toml" "$daemon.toml" "$daemon"
@@ -131,7 +133,8 @@ do_install() {
     done
     install -d -m 0750 "$(root "$STATEDIR")"
     if live; then
-        chown root:"$USER_NAME" "$(root "$SYSCONFDIR")" "$(root "$SYSCONFDIR/tls")"
+        chown root:"$USER_NAME" "$(root "$SYSCONFDIR")"
+        chown "$USER_NAME:$USER_NAME" "$(root "$SYSCONFDIR/tls")"
         chown "$USER_NAME:$USER_NAME" "$(root "$STATEDIR")"
     fi
 

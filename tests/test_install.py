@@ -61,7 +61,7 @@ def test_install_lays_out_units_rules_users_configs_and_state(installed: Path) -
         (REPO / "config/udev/99-medge.rules").read_bytes()
     sysusers = (root / "usr/lib/sysusers.d/medge.conf").read_text().splitlines()
     assert "m medge dialout" in sysusers and any(line.startswith("u medge ") for line in sysusers)
-    assert mode(root / "etc/medge") == 0o750 and mode(root / "etc/medge/tls") == 0o750
+    assert mode(root / "etc/medge") == 0o750 and mode(root / "etc/medge/tls") == 0o700
     gateway = root / "etc/medge/gateway-main.toml"
     assert mode(gateway) == 0o640
     assert 'state_dir = "/var/lib/medge/gateway-main"' in gateway.read_text()
@@ -73,10 +73,12 @@ def test_install_lays_out_units_rules_users_configs_and_state(installed: Path) -
     assert (root / "opt/medge/share/medge/mosquitto/mosquitto.conf").exists()
 
 
-def test_installed_gateway_config_is_valid(installed: Path) -> None:
+def test_installed_daemon_configs_are_valid(installed: Path) -> None:
+    configs = sorted(installed.glob("etc/medge/*.toml"))
+    daemons = [p for p in configs if p.name.startswith(("gateway", "microscope", "manipulator"))]
+    assert len(daemons) >= 2
     result = subprocess.run(
-        [str(REPO / ".venv/bin/medge"), "config", "check", "--daemon", "gateway",
-         str(installed / "etc/medge/gateway-main.toml")],
+        [str(REPO / ".venv/bin/medge"), "config", "check", *map(str, daemons)],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
 
