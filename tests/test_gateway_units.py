@@ -98,6 +98,12 @@ def test_oximeter_without_signal_gives_data_absent_and_device_flags_as_tags() ->
     assert len(observations(m, ctx(), with_samples=False)) == 2
 
 
+def test_a_bare_number_without_unit_is_dimensionless_not_lost() -> None:
+    m = Measurement("x", "", (Reading("vent.ie_ratio", 0.5, ""),), received_at=NOW)
+    body = observations(m, ctx())[0]
+    assert body["valueQuantity"]["value"] == 0.5 and body["valueQuantity"]["code"] == "1"
+
+
 def test_unknown_quantities_get_local_codes_and_register_map_codes_are_added() -> None:
     m = Measurement("ventilator", "V1", (Reading("vent.pressure", 12.5, "cm[H2O]"),
                                          Reading("vent.peep", 5.0, "cm[H2O]")),

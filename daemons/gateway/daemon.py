@@ -96,6 +96,7 @@ class Gateway:
         self._last_published: dict[str, datetime] = {}
         self._last_waveform: dict[str, datetime] = {}
         self._skewed: set[str] = set()
+        self.mapping_errors = 0
         self._lost: set[str] = set()
         """Devices with an active device-lost alert (cleared when they connect again)."""
         self.page = StatusPage(self.board, section.status.bind, section.status.port) \
@@ -151,7 +152,13 @@ class Gateway:
         ctx = Context(device_ref=_device_ref(runner, m), patient=self._subject(runner, m),
                       clock_offset_s=offset, clock_skewed=tracker.skewed,
                       extra_codes=self.codes[name])
-        bodies = to_observations(m, ctx, with_samples=with_waveform or not _streaming(m))
+        try:
+            bodies = to_observations(m, ctx, with_samples=with_waveform or not _streaming(m))
+        except ValueError as exc:  # a reading we cannot express: keep the device running
+            self.mapping_errors += 1
+            self._log.error("measurement not publishable", device=name, error=str(exc),
+                            quantities=[r.quantity for r in m.readings])
+            return
         # Appended together, the observations of one measurement share one outbox commit:
         # a power cut stores all of them or none.
         outcomes = await asyncio.gather(*(self.rt.emit(name, "obs", body) for body in bodies),

@@ -185,8 +185,8 @@ def _value(r: Reading) -> tuple[Quantity | Code | str | None, list[Component]]:
             components.append(((Code(MEDGE_CODES, f"{r.quantity}.concentration"),),
                                Quantity(r.value, r.unit)))
         return grade, components
-    if r.value is not None and r.unit and r.text is None:
-        return Quantity(r.value, r.unit), []
+    if r.value is not None and r.text is None:
+        return Quantity(r.value, r.unit or "1"), []
     if r.text is not None and r.value is not None:
         return r.text, []  # e.g. alarm bits: the active alarm names
     return None, []
