@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,61 +65,57 @@ def register(subparsers: Any) -> None:
     crl.set_defaults(func=_crl)
 
 
-def _report(args: argparse.Namespace, document: dict[str, Any], text: str) -> int:
-    print(json.dumps(document) if args.json else text)
-    return EXIT_OK
+Outcome = tuple[dict[str, Any], str]
+"""What an action did: the ``--json`` document and the human sentence."""
 
 
-def _fail(args: argparse.Namespace, exc: Exception) -> int:
-    print(f"medge pki {args.action}: {exc}", file=sys.stderr)
-    return EXIT_FAILURE
+def _run(action: Callable[[argparse.Namespace], Outcome]) -> Callable[[argparse.Namespace], int]:
+    """Wrap an action: print its outcome, or one line naming what was refused and why."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            document, text = action(args)
+        except (PkiError, OSError) as exc:
+            print(f"medge pki {args.action}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(json.dumps(document) if args.json else text)
+        return EXIT_OK
+
+    return run
 
 
-def _init(args: argparse.Namespace) -> int:
-    try:
-        SitePki(args.dir).init(args.site, args.days)
-    except (PkiError, OSError) as exc:
-        return _fail(args, exc)
-    return _report(args, {"dir": str(args.dir)}, f"site CAs created in {args.dir}")
+@_run
+def _init(args: argparse.Namespace) -> Outcome:
+    SitePki(args.dir).init(args.site, args.days)
+    return {"dir": str(args.dir)}, f"site CAs created in {args.dir}"
 
 
-def _request(args: argparse.Namespace) -> int:
-    try:
-        csr = create_request(args.name, args.key, tuple(args.san))
-        args.out.write_bytes(csr)
-    except (PkiError, OSError) as exc:
-        return _fail(args, exc)
-    return _report(args, {"csr": str(args.out), "key": str(args.key)},
-                   f"CSR for {args.name} in {args.out}; the key {args.key} stays on this machine")
+@_run
+def _request(args: argparse.Namespace) -> Outcome:
+    args.out.write_bytes(create_request(args.name, args.key, tuple(args.san)))
+    return ({"csr": str(args.out), "key": str(args.key)},
+            f"CSR for {args.name} in {args.out}; the key {args.key} stays on this machine")
 
 
-def _issue(args: argparse.Namespace) -> int:
+@_run
+def _issue(args: argparse.Namespace) -> Outcome:
     role: Role = args.role
-    try:
-        ca = SitePki(args.dir).ca(role)
-        certificate = ca.issue(args.csr.read_bytes(), args.name, role, args.days)
-        args.out.write_bytes(certificate)
-    except (PkiError, OSError) as exc:
-        return _fail(args, exc)
-    return _report(args, {"certificate": str(args.out), "ca": str(ca.cert_path)},
-                   f"{role} certificate for {args.name} in {args.out} (CA: {ca.cert_path})")
+    ca = SitePki(args.dir).ca(role)
+    args.out.write_bytes(ca.issue(args.csr.read_bytes(), args.name, role, args.days))
+    return ({"certificate": str(args.out), "ca": str(ca.cert_path)},
+            f"{role} certificate for {args.name} in {args.out} (CA: {ca.cert_path})")
 
 
-def _revoke(args: argparse.Namespace) -> int:
-    try:
-        ca = SitePki(args.dir).ca(args.role)
-        serials = ca.revoke(args.name)
-    except (PkiError, OSError) as exc:
-        return _fail(args, exc)
-    return _report(args, {"revoked": serials, "crl": str(ca.crl_path)},
-                   f"revoked {len(serials)} certificate(s) of {args.name}; CRL {ca.crl_path} "
-                   "re-signed: reload the broker (SIGHUP) to apply it")
+@_run
+def _revoke(args: argparse.Namespace) -> Outcome:
+    ca = SitePki(args.dir).ca(args.role)
+    serials = ca.revoke(args.name)
+    return ({"revoked": serials, "crl": str(ca.crl_path)},
+            f"revoked {len(serials)} certificate(s) of {args.name}; CRL {ca.crl_path} "
+            "re-signed: reload the broker (SIGHUP) to apply it")
 
 
-def _crl(args: argparse.Namespace) -> int:
-    try:
-        paths = SitePki(args.dir).refresh_crls()
-    except (PkiError, OSError) as exc:
-        return _fail(args, exc)
-    return _report(args, {"crls": [str(p) for p in paths]},
-                   "re-signed " + ", ".join(str(p) for p in paths))
+@_run
+def _crl(args: argparse.Namespace) -> Outcome:
+    paths = SitePki(args.dir).refresh_crls()
+    return {"crls": [str(p) for p in paths]}, "re-signed " + ", ".join(str(p) for p in paths)
