@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "medge.wsicli",
     "medge.scancli",
     "medge.pkicli",
+    "medge.consolecli",
 ]
 
 
