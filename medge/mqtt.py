@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from medge.aio import cancel_and_wait
 from medge.log import StateLog
 from medge.settings import MqttSection
 from medge.topics import Topics
@@ -186,11 +187,8 @@ class MqttLink:
             with contextlib.suppress(LinkDown, PublishRefused, aiomqtt.MqttError):
                 await self.publish(self.status_topic, status_payload("offline"), qos=1,
                                    retain=True, timeout=2.0)
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+        await cancel_and_wait([self._runner, *self._background])
+        self._runner = None
         self.connected.clear()
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:

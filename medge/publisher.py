@@ -18,6 +18,7 @@ import time
 
 import structlog
 
+from medge.aio import cancel_and_wait
 from medge.mqtt import LinkDown, MqttLink
 from medge.outbox import Outbox, Record
 
@@ -56,9 +57,7 @@ class Publisher:
                     self.outbox.link_up = False
                     self._inflight = 0  # whatever was in flight is resent after reconnection
         finally:
-            acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await acker
+            await cancel_and_wait([acker])
             await self._flush_acks()
 
     async def _drain_while_connected(self) -> None:

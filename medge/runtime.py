@@ -7,7 +7,6 @@ message durably and it reaches the broker as soon as the link allows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from medge.aio import cancel_and_wait
 from medge.mqtt import LinkDown, MqttLink, PublishRefused
 from medge.outbox import Outbox, Record
 from medge.publisher import Publisher
@@ -55,11 +55,7 @@ class Runtime:
         """Give queued records a moment to go out, then publish offline and stop."""
         if self.link.connected.is_set():
             await self.outbox.wait_empty(drain_timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self.link.close()
         await self.outbox.close()

@@ -9,7 +9,6 @@ to flush, publish ``offline`` and close its ports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -17,6 +16,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
+
+from medge.aio import cancel_and_wait
 
 
 def sd_notify(state: str) -> bool:
@@ -94,8 +95,5 @@ class Service:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            if watchdog is not None:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
+            await cancel_and_wait([watchdog])
             sd_notify("STOPPING=1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import signal
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 from firmware_sim import SIMULATORS
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
+from medge.aio import cancel_and_wait
 from medge.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
@@ -73,7 +73,4 @@ async def _serve(args: argparse.Namespace) -> None:
         background = getattr(module, "background", None)
         task = asyncio.create_task(background(args, server)) if background else None
         await stop.wait()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
