@@ -7,13 +7,15 @@ Acceptance criteria (issue 10):
 - every unit is Type=notify with a watchdog, rate-limited restarts, a state directory, a dedicated
   user, and allows only the device groups its daemon drives, each after the modprobe that
   registers it;
-- ``medge run gateway`` really sends READY, WATCHDOG and STOPPING to ``$NOTIFY_SOCKET``, and a
-  hung event loop sends no WATCHDOG until it runs again (so systemd would restart the unit).
+- ``medge run gateway|microscope|manipulator`` (on simulators, no hardware) really sends
+  READY, WATCHDOG and STOPPING to ``$NOTIFY_SOCKET``, and a hung event loop sends no WATCHDOG
+  until it runs again (so systemd would restart the unit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -21,7 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -139,17 +141,40 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def gateway_config(directory: Path, broker_port: int) -> Path:
-    """A gateway with one oximeter on a port where nothing answers: it starts and retries."""
-    path = directory / "gateway.toml"
-    path.write_text(
-        f'[node]\nsite = "test-site"\nnode = "gw-test"\nstate_dir = "{directory / "state"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n'
-        '[gateway.status]\nhttp = false\n'
-        '[[gateway.devices]]\nname = "oximeter"\ndriver = "cms50"\n'
-        f'port = "socket://127.0.0.1:{free_port()}"\n'
-    )
-    return path
+def common_sections(daemon: str, directory: Path, broker_port: int) -> str:
+    return (f'[node]\nsite = "test-site"\nnode = "{daemon}-test"\n'
+            f'state_dir = "{directory / "state"}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n')
+
+
+@contextlib.contextmanager
+def daemon_config(daemon: str, directory: Path, broker_port: int) -> Iterator[Path]:
+    """A config that runs ``daemon`` without hardware (simulators or an absent device)."""
+    path = directory / f"{daemon}.toml"
+    common = common_sections(daemon, directory, broker_port)
+    if daemon == "gateway":  # one oximeter on a port where nothing answers: starts and retries
+        path.write_text(common + '[gateway.status]\nhttp = false\n'
+                        '[[gateway.devices]]\nname = "oximeter"\ndriver = "cms50"\n'
+                        f'port = "socket://127.0.0.1:{free_port()}"\n')
+        yield path
+    elif daemon == "microscope":  # the shipped example drives in-process stage/camera simulators
+        shutil.copy(REPO / "config" / "objectives.toml", directory / "objectives.toml")
+        shipped = (REPO / "config" / "microscope.toml").read_text()
+        path.write_text(common + shipped[shipped.index("[microscope]"):])
+        yield path
+    else:  # the manipulator's servo bus and load cell come from `medge sim dynamixel`
+        sim = subprocess.Popen(
+            [str(Path(sys.executable).parent / "medge"), "sim", "dynamixel", "--listen",
+             "tcp://127.0.0.1:0", "--force-pty"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert sim.stdout is not None
+            bus = sim.stdout.readline().strip()
+            force = sim.stdout.readline().strip().removeprefix("force: ")
+            path.write_text(common + f'[manipulator]\nbus = "{bus}"\nforce_sensor = "{force}"\n')
+            yield path
+        finally:
+            sim.terminate()
+            sim.wait(10)
 
 
 class NotifySocket:
@@ -185,14 +210,23 @@ async def notify_socket(tmp_path: Path) -> AsyncIterator[NotifySocket]:
         sock.close()
 
 
-async def test_gateway_sends_ready_watchdog_stopping_and_a_hung_loop_stops_the_pings(
-    tmp_path: Path, broker: Mosquitto, notify_socket: NotifySocket
+@pytest.mark.parametrize("daemon", sorted(DAEMONS))
+async def test_daemon_sends_ready_watchdog_stopping_and_a_hung_loop_stops_the_pings(
+    tmp_path: Path, broker: Mosquitto, notify_socket: NotifySocket, daemon: str
 ) -> None:
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"}
     env.pop("WATCHDOG_PID", None)
+    with daemon_config(daemon, tmp_path, broker.port) as config_path:
+        stderr = await run_and_hang(env, notify_socket, daemon, config_path)
+    assert b"Traceback" not in stderr, stderr.decode()
+
+
+async def run_and_hang(env: dict[str, str], notify_socket: NotifySocket, daemon: str,
+                       config_path: Path) -> bytes:
+    """READY, pings, a 1.5 s hang of the event loop (no pings in it), pings again, STOPPING."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_WITH_HANG_ON_SIGUSR1, "run", "gateway", "--config",
-         str(gateway_config(tmp_path, broker.port))],
+        [sys.executable, "-c", RUN_WITH_HANG_ON_SIGUSR1, "run", daemon, "--config",
+         str(config_path)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -211,4 +245,4 @@ async def test_gateway_sends_ready_watchdog_stopping_and_a_hung_loop_stops_the_p
         _, stderr = proc.communicate()
     during_hang = notify_socket.messages[hang_begins:hang_ends]
     assert "WATCHDOG=1" not in during_hang, "a hung event loop must not ping the watchdog"
-    assert b"Traceback" not in stderr, stderr.decode()
+    return stderr
