@@ -38,11 +38,13 @@ put() {
     echo "$path" >> "$(root "$MANIFEST").new"
 }
 
-# installed configs get the state directory their unit provides (StateDirectory=medge/NAME)
+# installed configs keep their state in the directory their unit provides and may write
+# (StateDirectory=medge/NAME; ProtectSystem=strict makes everything else read-only)
 shipped_config() {
     local source=$1 state_name=$2
     if [ -n "$state_name" ]; then
-        sed "s|^state_dir = .*|state_dir = \"$STATEDIR/$state_name\"|" "$source"
+        sed -e "s|^state_dir = .*|state_dir = \"$STATEDIR/$state_name\"|" \
+            -e "s|^spool_dir = .*|spool_dir = \"$STATEDIR/$state_name/pacs-spool\"|" "$source"
     else
         cat "$source"
     fi
@@ -128,6 +130,9 @@ do_install() {
         [ -e "$REPO/config/$daemon.toml" ] && put_config "$REPO/config/$daemon.toml" "$daemon.toml" "$daemon"
     done
     [ -e "$REPO/config/objectives.toml" ] && put_config "$REPO/config/objectives.toml" objectives.toml
+    # PACS destinations for the microscope (enable with pacs_file = "pacs.toml")
+    [ -e "$REPO/config/orthanc/pacs.example.toml" ] && \
+        put_config "$REPO/config/orthanc/pacs.example.toml" pacs.toml microscope
     for map in "$REPO"/config/ventilators/*.toml; do
         put_config "$map" "ventilators/$(basename "$map")"
     done

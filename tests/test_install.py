@@ -67,6 +67,8 @@ def test_install_lays_out_units_rules_users_configs_and_state(installed: Path) -
     assert 'state_dir = "/var/lib/medge/gateway-main"' in gateway.read_text()
     assert "StateDirectory=medge/gateway-%i" in \
         (root / "etc/systemd/system/medge-gateway@.service").read_text()
+    pacs = (root / "etc/medge/pacs.toml").read_text()
+    assert 'spool_dir = "/var/lib/medge/microscope/pacs-spool"' in pacs  # writable under the unit
     assert mode(root / "etc/medge/ventilators") == 0o750
     assert (root / "etc/medge/ventilators/home-ventilator.toml").exists()
     assert mode(root / "var/lib/medge") == 0o750
