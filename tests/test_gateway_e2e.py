@@ -187,6 +187,37 @@ async def test_every_simulator_reaches_the_hospital_as_valid_fhir(
         assert clinical not in page and clinical not in status_json
 
 
+async def test_clinical_alerts_reach_the_hospital_with_the_enrolled_patient(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    enrolment.save(tmp_path, enrolment.make(PATIENT, []))
+    async with contextlib.AsyncExitStack() as stack:
+        oxi, _ = await stack.enter_async_context(
+            simulator("cms50", "--spo2", "84", "--finger-out-every", "0"))
+        vent, _ = await stack.enter_async_context(
+            simulator("modbus-vent", "--alarm", "disconnection"))
+        hospital = await stack.enter_async_context(Collector(broker.port))
+        cfg = gateway_config(tmp_path, broker.port, [
+            {"name": "oximeter", "driver": "cms50", "port": oxi.address},
+            {"name": "ventilator", "driver": "modbus", "port": vent.address,
+             "map": str(VENT_MAP)},
+        ], spo2_low=88, spo2_sustain_s=2)
+        await stack.enter_async_context(running_gateway(cfg))
+
+        def raised(device: str, rule: str) -> bool:
+            return any(a["alert"] == rule for a in bodies(hospital, device, "alert"))
+
+        await hospital.wait_for(lambda: raised("oximeter", "spo2-low")
+                                and raised("ventilator", "device-alarm:disconnection"))
+    spo2 = next(a for a in bodies(hospital, "oximeter", "alert") if a["alert"] == "spo2-low")
+    assert spo2["state"] == "active" and spo2["priority"] == "high"
+    assert spo2["patient"] == PATIENT and spo2["category"] == "clinical"
+    assert spo2["value"] < 88
+    disconnection = next(a for a in bodies(hospital, "ventilator", "alert")
+                         if a["alert"] == "device-alarm:disconnection")
+    assert disconnection["priority"] == "high"
+
+
 async def test_unplugged_device_raises_device_lost_and_recovers_by_itself(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
