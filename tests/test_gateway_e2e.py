@@ -427,4 +427,5 @@ async def test_sigterm_stops_cleanly_after_ready_was_notified(
     assert returncode == 0
     assert b"STATUS=1 devices started" in received
     status = json.loads((tmp_path / "state" / "gateway-status.json").read_text())
-    assert status["stopped"] is True
+    assert status["stopped"] is True and status["clinic_link"].startswith("offline")
+    assert [d["connection"] for d in status["devices"]] == ["stopped"]

@@ -130,6 +130,8 @@ class Gateway:
         if self.page is not None:
             await self.page.close()
         self.board.stopped = True
+        for status in self.board.devices.values():
+            status.connection = "stopped"
         await self._write_status()
 
     # -- data path ---------------------------------------------------------------------
@@ -271,7 +273,7 @@ class Gateway:
     async def _write_status(self) -> None:
         with contextlib.suppress(RuntimeError):  # the outbox may already be closed
             self.board.delivered_up_to(await self.rt.outbox.oldest_unacked_seq())
-        self.board.clinic_link = self.rt.link.connected.is_set()
+        self.board.clinic_link = self.rt.link.connected.is_set() and not self.board.stopped
         try:
             await asyncio.to_thread(write_atomically, self._status_path, self.board.snapshot())
         except OSError as exc:
