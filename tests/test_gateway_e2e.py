@@ -218,6 +218,30 @@ async def test_clinical_alerts_reach_the_hospital_with_the_enrolled_patient(
     assert disconnection["priority"] == "high"
 
 
+async def test_a_noisy_line_costs_readings_never_the_gateway(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Dropped and flipped bytes on every device line: the drivers resynchronise, retransmit
+    or reconnect, and what reaches the hospital is still valid FHIR."""
+    noise = {"drop_rate": 0.002, "corrupt_rate": 0.002, "seed": 7}
+    async with contextlib.AsyncExitStack() as stack:
+        oxi, _ = await stack.enter_async_context(simulator("cms50", faults=Faults(**noise)))
+        astm, _ = await stack.enter_async_context(simulator(
+            "astm-urine", "--every", "0.3", "--first-after", "0.1", "--ack-timeout", "1",
+            "--busy-retry", "0.2", faults=Faults(**noise)))
+        hospital = await stack.enter_async_context(Collector(broker.port))
+        cfg = gateway_config(tmp_path, broker.port, [
+            {"name": "oximeter", "driver": "cms50", "port": oxi.address, "obs_interval_s": 0,
+             "reconnect_min_s": 0.05},
+            {"name": "urine", "driver": "urine-astm", "port": astm.address,
+             "reconnect_min_s": 0.05}])
+        await stack.enter_async_context(running_gateway(cfg))
+        await hospital.wait_for(lambda: len(bodies(hospital, "oximeter")) >= 20
+                                and len(bodies(hospital, "urine")) >= 30, timeout=90)
+    for body in bodies(hospital, "oximeter") + bodies(hospital, "urine"):
+        Observation.model_validate(body)
+
+
 async def test_unplugged_device_raises_device_lost_and_recovers_by_itself(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
