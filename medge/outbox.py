@@ -345,9 +345,13 @@ class Outbox:
                 return False
         return True
 
-    async def fetch(self, after_id: int, limit: int = 500) -> list[Record]:
-        """Unsent-or-unacked records after ``after_id`` in order; expired ones are dropped."""
-        return await self._run(self._fetch, after_id, limit)
+    async def fetch(
+        self, after_id: int, limit: int = 500, *, critical: bool | None = None
+    ) -> list[Record]:
+        """Unsent-or-unacked records after ``after_id`` in order; expired ones are dropped.
+
+        ``critical`` True: alerts only; False: everything but alerts; None: all."""
+        return await self._run(self._fetch, after_id, limit, critical)
 
     async def ack(self, ids: Sequence[int]) -> None:
         """Delete records whose PUBACK arrived."""
@@ -538,12 +542,13 @@ class Outbox:
         row = db.execute("SELECT created_at FROM records ORDER BY id LIMIT 1").fetchone()
         self._oldest_created = row[0] if row else None
 
-    def _fetch(self, after_id: int, limit: int) -> list[Record]:
+    def _fetch(self, after_id: int, limit: int, critical: bool | None) -> list[Record]:
         db = self._ensure_db()
         self._drop_expired()
+        which = {None: "", True: f" AND class = {CRITICAL}", False: f" AND class < {CRITICAL}"}
         rows = db.execute(
             "SELECT id, stream, seq, msg_id, device, kind, topic, created_at, expires_at,"
-            " offline, body FROM records WHERE id > ? ORDER BY id LIMIT ?",
+            f" offline, body FROM records WHERE id > ?{which[critical]} ORDER BY id LIMIT ?",
             (after_id, limit),
         ).fetchall()
         return [Record(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10])

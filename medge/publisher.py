@@ -2,7 +2,9 @@
 
 While connected it sends the oldest unacknowledged records first with up to ``max_inflight``
 PUBACKs outstanding (pipelined: no task per message), deletes each record only after its PUBACK,
-and then follows new records as they are committed. On link loss everything in flight is
+and then follows new records as they are committed. Alerts go ahead of routine data: each pass
+sends every pending alert before the next chunk of the routine backlog (order is kept within
+each stream, and alerts are streams of their own). On link loss everything in flight is
 forgotten (the records stay in the outbox) and, after reconnection, sending restarts from the
 oldest record: duplicates are possible, loss is not. A record the broker refuses for good
 (MQTT 5 failure reason code, e.g. an ACL denial) is moved to the outbox's dead letters.
@@ -15,6 +17,7 @@ import contextlib
 import functools
 import sqlite3
 import time
+from collections.abc import Awaitable
 
 import structlog
 
@@ -24,6 +27,8 @@ from medge.outbox import Outbox, Record
 
 ACK_BATCH = 256
 ACK_INTERVAL_S = 0.02
+IDLE_RECHECK_S = 5.0
+"""An idle publisher wakes on new records; this is only a safety net."""
 
 
 class Publisher:
@@ -39,6 +44,7 @@ class Publisher:
         self._generation = object()
         """Identifies the current connection's pass; stale PUBACK callbacks are ignored."""
         self._progress = asyncio.Event()
+        self._ack_pending = asyncio.Event()
         self._ack_ready = asyncio.Event()
         self._log = structlog.get_logger().bind(component="publisher")
 
@@ -64,41 +70,53 @@ class Publisher:
         lost = asyncio.Event()
         unregister = self.link.on_disconnect(lost.set)
         self._generation = generation = object()
-        cursor = 0
+        cursors = {True: 0, False: 0}  # alerts, everything else
         try:
             while self.link.connected.is_set() and not lost.is_set():
                 await self._settle_refused()
-                try:
-                    records = await self.outbox.fetch(cursor, limit=self.max_inflight * 4)
-                except (sqlite3.Error, OSError) as exc:
-                    self._log.warning("outbox unreadable; retrying", error=str(exc))
-                    await asyncio.sleep(1.0)
-                    continue
-                if not records:
-                    await self.outbox.wait_for_records(cursor, timeout=0.5)
-                    continue
-                for record in records:
-                    while self._inflight >= self.max_inflight and not lost.is_set():
-                        self._progress.clear()
-                        await self._wait_progress(lost)
-                    if lost.is_set():
-                        return
-                    self.link.publish_pipelined(
-                        record.topic, record.envelope(time.time()),
-                        functools.partial(self._on_ack, generation, record),
+                newest = self.outbox.last_id
+                sent_any = False
+                for critical in (True, False):
+                    try:
+                        records = await self.outbox.fetch(
+                            cursors[critical], limit=self.max_inflight * 4, critical=critical
+                        )
+                    except (sqlite3.Error, OSError) as exc:
+                        self._log.warning("outbox unreadable; retrying", error=str(exc))
+                        await asyncio.sleep(1.0)
+                        break
+                    for record in records:
+                        if not await self._window_open(lost):
+                            return
+                        self.link.publish_pipelined(
+                            record.topic, record.envelope(time.time()),
+                            functools.partial(self._on_ack, generation, record),
+                        )
+                        self._inflight += 1
+                        cursors[critical] = record.id
+                    sent_any = sent_any or bool(records)
+                if not sent_any:
+                    await self._unless_lost(
+                        self.outbox.wait_for_records(newest, timeout=IDLE_RECHECK_S), lost
                     )
-                    self._inflight += 1
-                    cursor = record.id
         finally:
             unregister()
 
-    async def _wait_progress(self, lost: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(self._progress.wait()), asyncio.ensure_future(lost.wait())]
+    async def _window_open(self, lost: asyncio.Event) -> bool:
+        """Wait for a free in-flight slot; False if the link was lost meanwhile."""
+        while self._inflight >= self.max_inflight and not lost.is_set():
+            self._progress.clear()
+            await self._unless_lost(self._progress.wait(), lost)
+        return not lost.is_set()
+
+    @staticmethod
+    async def _unless_lost(awaitable: Awaitable[object], lost: asyncio.Event) -> None:
+        """Wait for ``awaitable`` or for the link to be lost, whichever comes first."""
+        waiters = [asyncio.ensure_future(awaitable), asyncio.ensure_future(lost.wait())]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            await cancel_and_wait(waiters)
 
     def _on_ack(self, generation: object, record: Record, reason: str | None) -> None:
         if generation is not self._generation:
@@ -112,6 +130,7 @@ class Publisher:
                 self._ack_ready.set()
         else:
             self._refused.append((record, reason))
+        self._ack_pending.set()
 
     async def _settle_refused(self) -> None:
         while self._refused:
@@ -119,9 +138,12 @@ class Publisher:
             await self.outbox.dead_letter(record, reason)
 
     async def _ack_loop(self) -> None:
+        """Delete acknowledged records in batches; sleeps while there is nothing to do."""
         while True:
+            await self._ack_pending.wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ack_ready.wait(), ACK_INTERVAL_S)
+            self._ack_pending.clear()
             self._ack_ready.clear()
             await self._flush_acks()
             await self._settle_refused()
@@ -134,4 +156,5 @@ class Publisher:
             await self.outbox.ack(ids)
         except Exception as exc:  # store trouble: keep them; a later flush retries
             self._acked[:0] = ids
+            self._ack_pending.set()
             self._log.warning("could not delete acknowledged records yet", error=str(exc))

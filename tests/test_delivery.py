@@ -192,3 +192,18 @@ async def test_health_reports_link_and_outbox(broker: Mosquitto, tmp_path: Path)
     assert set(health["outbox"]) == {"depth", "bytes", "fill", "oldest_age_s", "drops",
                                      "last_publish_at", "store_error", "quarantined"}
     assert health["outbox"]["store_error"] is None
+
+
+async def test_alerts_overtake_a_routine_backlog(broker: Mosquitto, tmp_path: Path) -> None:
+    """After an outage, an alert goes out ahead of the queued routine observations."""
+    cfg = daemon_config(tmp_path, broker.port)
+    async with Collector(broker.port) as hospital, Runtime(cfg, "gateway") as rt:
+        await rt.link.wait_connected(10)
+        broker.stop()
+        await asyncio.wait_for(_until(lambda: not rt.link.connected.is_set()), 10)
+        await asyncio.gather(*(rt.emit("oximeter", "obs", {"n": n}) for n in range(3000)))
+        alert = await rt.emit("oximeter", "alert", {"alert": "spo2-low"})
+        broker.start()
+        await hospital.wait_for(lambda: len(hospital.kind("obs")) >= 3000, timeout=60)
+    order = [m["msg_id"] for _, m in hospital.messages if m.get("kind") in ("obs", "alert")]
+    assert order.index(alert.msg_id) < 1000, "the alert waited behind the routine backlog"
