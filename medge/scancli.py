@@ -138,6 +138,20 @@ class ScannerClient:
             raise CliError(str(reply.get("error", "the daemon refused the request")), status)
         return reply
 
+    async def wait_online(self, timeout: float) -> None:
+        """Wait for the daemon's retained birth message (scripts that start it just before)."""
+        assert self._client is not None
+        status_topic = self.topics.topic(DAEMON, "status")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            with contextlib.suppress(CliError):
+                await self.request("list")
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise CliError(f"the microscope daemon did not come up within {timeout:.0f} s "
+                               f"(nothing answers on {status_topic.rsplit('/', 1)[0]}/cmd)",
+                               EXIT_UNAVAILABLE)
+
     async def follow(self) -> None:
         assert self._client is not None
         await self._client.subscribe(self.state_topic, qos=1)
@@ -235,6 +249,8 @@ async def scan_start(client: ScannerClient, args: argparse.Namespace) -> int:
              f" rows, serpentine) over [{where}] mm\nestimated time: {plan['estimate_s']:.0f} s"
              f"\ndisk space needed: {plan['disk_mb']:.0f} MB\nnothing has moved.")
         return EXIT_OK
+    if args.wait_for_daemon:
+        await client.wait_online(args.wait_for_daemon)
     state = (await client.request("submit", job=job))["job"]
     if not args.wait:
         emit(args, state, f"queued job {state['job']}: follow it with `medge scan status "
@@ -376,6 +392,8 @@ def register(subparsers: Any) -> None:
     start.add_argument("--wait", action="store_true", help="follow progress until it ends")
     start.add_argument("--deadline", type=float, default=None, metavar="S",
                        help="with --wait: give up waiting after S seconds (exit 4)")
+    start.add_argument("--wait-for-daemon", type=float, default=0.0, metavar="S",
+                       help="retry for up to S seconds while the daemon is starting")
     start.set_defaults(func=_runner(scan_start))
     status = commands.add_parser("status", help="a job's state (default: the active job)")
     status.add_argument("job", nargs="?", metavar="JOB")

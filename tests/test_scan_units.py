@@ -75,7 +75,7 @@ def test_job_state_survives_a_round_trip_through_the_store(tmp_path: Path) -> No
     loaded = store.load(state.id)
     assert loaded == state
     assert loaded.first_missing_tile() == 0
-    assert not list(tmp_path.glob("*/.state.json.tmp"))
+    assert not list(tmp_path.glob("*/.state.json.*.tmp"))
 
 
 def test_a_corrupt_state_file_is_reported_not_dropped(tmp_path: Path) -> None:
@@ -235,3 +235,15 @@ def test_report_is_json_serialisable_and_renders() -> None:
     assert "1 planned, 1 captured" in text and "max residual 0.40 µm" in text
     assert "FAILED (1 error(s))" in text and "rejected pairs 2" in text
     assert list(built["timings_s"]) == ["focus", "acquire"]
+
+
+def test_concurrent_saves_of_one_job_never_collide(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = JobStore(tmp_path)
+    state = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()))
+    state.plan = [(float(i), 0.0) for i in range(200)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: store.save(state), range(40)))
+    assert store.load(state.id) == state
+    assert [p.name for p in (tmp_path / state.id).iterdir()] == ["state.json"]

@@ -245,6 +245,11 @@ class Microscope:
             job.status, job.message = "failed", failure_message(job, exc)
             log.error("scan failed", job=job.id, phase=job.phase, error=str(exc))
             await self._stop_stage()
+        except Exception as exc:  # a bug must fail one job, not stop the queue
+            log.exception("scan failed unexpectedly", job=job.id, phase=job.phase)
+            job.status = "failed"
+            job.message = f"internal error in {job.phase}: {exc!r}; see the daemon log"
+            await self._stop_stage()
         await self._save(job, durable=True)
 
     async def _stop_stage(self) -> None:

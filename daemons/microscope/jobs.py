@@ -13,6 +13,7 @@ import math
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,6 +196,9 @@ class JobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._writing = threading.Lock()
+        """Saves of one job come from several tasks (progress, requests) via worker threads;
+        one at a time, each serialising the state as it is when its turn comes."""
 
     def directory(self, job_id: str) -> Path:
         if not JOB_ID.match(job_id):
@@ -203,9 +207,10 @@ class JobStore:
 
     def save(self, state: JobState) -> None:
         directory = self.directory(state.id)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(directory / "state.json",
-                         json.dumps(state.to_json(), separators=(",", ":")).encode())
+        with self._writing:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(directory / "state.json",
+                             json.dumps(state.to_json(), separators=(",", ":")).encode())
 
     def load(self, job_id: str) -> JobState:
         path = self.directory(job_id) / "state.json"
@@ -232,7 +237,7 @@ class JobStore:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new content, whole."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()

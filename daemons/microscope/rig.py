@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class CameraSection:
 class SimulatorSection:
     slide: str = "procedural"
     """"procedural" (a 75 x 25 mm H&E section, realistic but slow to render), "test" (a small
-    synthetic slide that renders fast), or the path of an image file."""
+    synthetic slide that renders fast), "texture" (a 75 x 25 mm slide covered with tissue, fast;
+    for benchmarks), or the path of an image file."""
     slide_um_per_px: float = field(default=1.0, metadata=bounds(min=0.05, max=100))
     seed: int = 0
     time_scale: float = field(default=1.0, metadata=bounds(min=0.01, max=1000))
@@ -104,10 +106,11 @@ def load_objectives(path: Path) -> dict[str, Objective]:
     return objectives
 
 
-def small_slide(seed: int) -> ImageSlide:
+def small_slide(seed: int, everywhere: bool = False) -> ImageSlide:
     """A 3.2 x 2.4 mm slide with one irregular tissue patch, glass around it; cheap to render.
 
     Stained texture: eosin stroma with haematoxylin dots, strong enough for focus and overlap.
+    ``everywhere``: no glass, tissue edge to edge (a periodic texture for :class:`TextureSlide`).
     """
     rng = np.random.default_rng(seed)
     height, width = TEST_SLIDE_SIZE_PX[1], TEST_SLIDE_SIZE_PX[0]
@@ -116,6 +119,8 @@ def small_slide(seed: int) -> ImageSlide:
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     blob = np.hypot((xs - width * 0.55) / (width * 0.28), (ys - height * 0.5) / (height * 0.3))
     tissue = np.clip((1.0 - blob + 0.35 * (coarse - 0.5)) * 6.0, 0.0, 1.0)
+    if everywhere:
+        tissue[:] = 1.0
     detail = cv2.GaussianBlur(rng.random((height, width), np.float32), (0, 0), 2.0)
     detail = (detail - detail.min()) / max(float(np.ptp(detail)), 1e-6)
     nuclei = np.clip((detail - 0.6) * 5.0, 0.0, 1.0)
@@ -127,11 +132,42 @@ def small_slide(seed: int) -> ImageSlide:
     return ImageSlide(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), TEST_SLIDE_UM_PER_PX)
 
 
+class TextureSlide:
+    """A 75 x 25 mm slide covered edge to edge with a periodic H&E texture: as much tissue as a
+    benchmark wants, rendered as cheaply as a warp (the procedural slide costs seconds a tile)."""
+
+    width_um = 75_000.0
+    height_um = 25_000.0
+
+    def __init__(self, seed: int) -> None:
+        self.texture = small_slide(seed, everywhere=True).image
+        self._reduced: dict[int, RgbFrame] = {1: self.texture}
+
+    def render(self, left_um: float, top_um: float, width_px: int, height_px: int,
+               um_per_px: float) -> RgbFrame:
+        factor = max(1, math.floor(um_per_px / TEST_SLIDE_UM_PER_PX))
+        if factor not in self._reduced:
+            height, width = self.texture.shape[:2]
+            self._reduced[factor] = np.asarray(cv2.resize(
+                self.texture, (width // factor, height // factor),
+                interpolation=cv2.INTER_AREA), np.uint8)
+        source = self._reduced[factor]
+        source_um = TEST_SLIDE_UM_PER_PX * factor
+        scale = um_per_px / source_um
+        transform = np.array([[scale, 0, (left_um + um_per_px / 2) / source_um - 0.5],
+                              [0, scale, (top_um + um_per_px / 2) / source_um - 0.5]])
+        return np.asarray(cv2.warpAffine(source, transform, (width_px, height_px),
+                                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                         borderMode=cv2.BORDER_WRAP), np.uint8)
+
+
 def make_slide(section: SimulatorSection) -> Slide:
     if section.slide == "procedural":
         return ProceduralSlide(seed=section.seed)
     if section.slide == "test":
         return small_slide(section.seed)
+    if section.slide == "texture":
+        return TextureSlide(section.seed)
     return ImageSlide.from_file(Path(section.slide), section.slide_um_per_px)
 
 
@@ -166,6 +202,7 @@ class SlideCamera(Camera):
     def _do_capture(self) -> RgbFrame:
         if self.unplugged:
             raise CameraError(f"camera {self.name}: device disappeared from USB")
+        time.sleep(self.settings.exposure_ms / 1000)  # the sensor integrates at the position
         left, top, z = self.view()
         width, height = self.settings.resolution
         um_per_px = self.objective.um_per_px

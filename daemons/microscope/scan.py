@@ -31,6 +31,9 @@ from drivers.stage import Stage
 Mask = npt.NDArray[np.bool_]
 GLASS_OD_THRESHOLD = 0.12
 """Summed RGB optical density above which an overview pixel counts as stained tissue."""
+DARKEST_GLASS = 230.0
+"""Bare glass under the overview lamp is at least this bright; the reference never drops
+below it, so a slide covered edge to edge with tissue still reads as tissue."""
 PYRAMID_TILE = 256
 WHITE = 255
 
@@ -64,7 +67,8 @@ class Geometry:
 def detect_tissue(overview: RgbImage, label_width_px: int = 0) -> Mask:
     """Stained pixels of the overview: optical density against the brightest (glass) level,
     specks removed by an opening; the label area at the left end is never tissue."""
-    glass = np.percentile(overview.reshape(-1, 3), 99, axis=0).astype(np.float32) + 1.0
+    brightest = np.percentile(overview.reshape(-1, 3), 99, axis=0).astype(np.float32)
+    glass = np.maximum(brightest, DARKEST_GLASS) + 1.0
     density = -np.log((overview.astype(np.float32) + 1.0) / glass).sum(axis=2)
     mask = (density > GLASS_OD_THRESHOLD).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
