@@ -305,6 +305,17 @@ async def test_device_cannot_send_a_teleop_command_but_the_operator_can(
     assert not received(robot, "from-a-device")
 
 
+async def test_operator_cannot_send_commands_in_another_operators_name(
+    hospital: HospitalBroker
+) -> None:
+    robot_cmd = topic("robot-01", "probe-arm", "cmd")
+    async with subscriber(hospital, "robot-01", robot_cmd + "/#") as robot:
+        await publish(hospital, "dr-alice", robot_cmd + "/dr-bob/request", {"marker": "as-bob"})
+        await publish(hospital, "dr-alice", robot_cmd + "/dr-alice/request", {"marker": "as-alice"})
+        await robot.wait_for(lambda: received(robot, "as-alice"))
+    assert not received(robot, "as-bob")
+
+
 async def test_operator_cannot_command_a_microscope_but_the_lab_workstation_can(
     hospital: HospitalBroker
 ) -> None:
