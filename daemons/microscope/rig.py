@@ -190,6 +190,8 @@ class SlideCamera(Camera):
         self.unplugged = False
         """Fault injection: captures fail as with a camera lost from USB."""
         self.captures = 0
+        self.on_exposed: Callable[[], None] = lambda: None
+        """Called (worker thread) when the exposure ends, before readout: the stage may move."""
         self.on_capture: Callable[[int], None] = lambda count: None
         """Called (worker thread) after each frame with the number taken so far."""
 
@@ -204,6 +206,7 @@ class SlideCamera(Camera):
             raise CameraError(f"camera {self.name}: device disappeared from USB")
         time.sleep(self.settings.exposure_ms / 1000)  # the sensor integrates at the position
         left, top, z = self.view()
+        self.on_exposed()
         width, height = self.settings.resolution
         um_per_px = self.objective.um_per_px
         frame = self.slide.render(left, top, width, height, um_per_px)

@@ -199,6 +199,24 @@ class Motion:
         await self.goto(x, y, z)
         return await self.camera.capture()
 
+    async def expose(self) -> asyncio.Future[RgbImage]:
+        """Start a frame and return once the sensor has finished integrating, so the stage may
+        move while the frame is read out; the future then gives the frame. A camera that does
+        not say when its exposure ends (no ``on_exposed`` hook) is waited for in full."""
+        loop = asyncio.get_running_loop()
+        exposed = asyncio.Event()
+        if hasattr(self.camera, "on_exposed"):
+            self.camera.on_exposed = lambda: loop.call_soon_threadsafe(exposed.set)
+        frame = asyncio.ensure_future(self.camera.capture())
+        waiter = asyncio.ensure_future(exposed.wait())
+        try:
+            await asyncio.wait({frame, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if frame.done() and frame.exception() is not None:
+            raise frame.exception()  # type: ignore[misc]
+        return frame
+
     def reported(self) -> tuple[float, float, float]:
         """Where the controller says the stage is, in slide µm (z in machine µm)."""
         position = self.stage.position_um
@@ -232,19 +250,21 @@ async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_til
     """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined; each
     is stored with the position the controller reported once the stage stood still.
 
-    When the stage side fails (alarm, lost camera, cancel) the frames already taken are still
-    stored before the error propagates: nothing captured is thrown away.
+    The stage moves on as soon as a frame is exposed; its readout and storage overlap the next
+    move. When the stage side fails (alarm, lost camera, cancel) the frames already taken are
+    still stored before the error propagates: nothing captured is thrown away.
     """
-    queue: asyncio.Queue[tuple[int, RgbImage, tuple[float, float, float]] | None]
-    queue = asyncio.Queue(maxsize=buffer_tiles)
+    Shot = tuple[int, asyncio.Future[RgbImage], tuple[float, float, float]]
+    queue: asyncio.Queue[Shot | None] = asyncio.Queue(maxsize=buffer_tiles)
 
     async def storage_side() -> None:
         while (item := await queue.get()) is not None:
-            await store_tile(*item)
+            index, frame, where = item
+            await store_tile(index, await frame, where)
 
     storage = asyncio.create_task(storage_side(), name="scan-storage")
 
-    async def hand_over(item: tuple[int, RgbImage, tuple[float, float, float]] | None) -> None:
+    async def hand_over(item: Shot | None) -> None:
         """Queue ``item``, or surface the storage side's failure instead of waiting forever."""
         put = asyncio.ensure_future(queue.put(item))
         await asyncio.wait({put, storage}, return_when=asyncio.FIRST_COMPLETED)
@@ -256,7 +276,8 @@ async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_til
         for index, (x, y) in enumerate(state.plan):
             if index in state.tiles:
                 continue
-            frame = await motion.shoot(x, y, focus.z_at(x, y))
+            await motion.goto(x, y, focus.z_at(x, y))
+            frame = await motion.expose()
             await hand_over((index, frame, motion.reported()))
     finally:
         if not storage.done():
