@@ -104,7 +104,52 @@ def gateway_part(demo: Demo) -> list[str]:
             f"http://127.0.0.1:{status_port}/ ; config {config}"]
 
 
-PARTS: list[Callable[[Demo], list[str]]] = [gateway_part]
+def scanner_part(demo: Demo) -> list[str]:
+    """The slide scanner: the microscope daemon on its simulated rig (GRBL simulator and virtual
+    slide camera) scans the tissue of a small simulated slide into a local Orthanc."""
+    from medge.localpacs import ORTHANC, PLUGIN_DIR, PLUGINS, Orthanc
+
+    root = Path(__file__).resolve().parent.parent
+    missing = [str(p) for p in (ORTHANC, *(PLUGIN_DIR / n for n in PLUGINS)) if not p.exists()]
+    pacs_lines = ""
+    if not missing:
+        orthanc = Orthanc(demo.workdir / "orthanc")
+        orthanc.start()
+        assert orthanc.proc is not None
+        demo.processes.append(("orthanc", orthanc.proc))  # stopped by PID with the others
+        (demo.workdir / "pacs.toml").write_text(
+            f'spool_dir = "pacs-spool"\n[retry]\ninitial_s = 2.0\nmax_s = 10.0\n'
+            f'[destinations.demo-pacs]\nprotocol = "dimse"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\ncalled_ae = "{orthanc.aet}"\n')
+        pacs_lines = 'pacs_file = "pacs.toml"\n'
+    config = demo.workdir / "microscope.toml"
+    config.write_text(
+        f'[node]\nsite = "lab-demo"\nnode = "scanner-01"\n'
+        f'state_dir = "{demo.workdir}/microscope"\n\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {demo.broker.port}\n\n'
+        f'[microscope]\nobjectives_file = "{root / "config/objectives.toml"}"\n{pacs_lines}'
+        f'focus_points = 3\ndisk_reserve_mb = 200\n\n'
+        f'[microscope.stage]\nslide_origin_um = [-10000.0, -10000.0]\n\n'
+        f'[microscope.camera]\nwidth = 640\nheight = 480\noverview_um_per_px = 20.0\n\n'
+        f'[microscope.simulator]\nslide = "test"\ntime_scale = 5.0\n')
+    demo.spawn("microscope", "run", "microscope", "--config", str(config))
+    job = ["scan", "start", "--config", str(config), "--barcode", "DEMO-SLIDE-1",
+           "--accession", "ACC-0001", "--patient", "PSEUDO-7", "--objective", "20x",
+           "--area", "1.0,0.6,2.4,1.8", "--wait", "--wait-for-daemon", "120"]
+    demo.spawn("scan-job", *job, *(["--pacs", "demo-pacs"] if not missing else []))
+    lines = [f"slide scanner: one 20x scan of a simulated slide (progress in "
+             f"{demo.workdir / 'scan-job.log'}; `medge scan list --config {config}`)"]
+    if missing:
+        lines.append(f"  no local PACS (missing {', '.join(missing)}; run `make setup`): the "
+                     f"DICOM files stay in {demo.workdir / 'microscope' / 'scans'}")
+    else:
+        lines.append(f"  Orthanc: {orthanc.url}/app/explorer.html (user {orthanc.username}, "
+                     f"password {orthanc.password}); open the series, then its WSI viewer "
+                     f"({orthanc.url}/wsi/app/viewer.html?series=ID)")
+    return lines
+
+
+PARTS: list[Callable[[Demo], list[str]]] = [gateway_part, scanner_part]
 
 
 def describe(topic: str, envelope: dict[str, Any]) -> str:

@@ -221,7 +221,7 @@ async def _watch(client: ScannerClient, job_id: str, view: ProgressView,
     async with asyncio.timeout(timeout):
         while current.get("status") not in FINISHED:
             state = await client.states.get()
-            if state.get("job") == job_id:
+            if state.get("job") == job_id and state.get("at", 0) >= current.get("at", 0):
                 current = state
                 view.show(current)
     return current

@@ -127,7 +127,7 @@ slide = "test"
                 async with asyncio.timeout(timeout):
                     while not predicate(state):
                         update = await client.states.get()
-                        if update.get("job") == job:
+                        if update.get("job") == job and update["at"] >= state["at"]:
                             state = update
                 return state
         return asyncio.run(watch())

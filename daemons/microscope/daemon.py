@@ -272,6 +272,7 @@ class Microscope:
 
     def progress(self, job: JobState) -> dict[str, Any]:
         body = job.summary()
+        body["at"] = time.time()  # lets a follower drop a retained state older than its reply
         if job.phase == "acquire" and job.status == "running":
             rate = self._progress.rate(len(job.tiles))
             remaining = len(job.plan) - len(job.tiles)
