@@ -1,0 +1,95 @@
+"""A USB (UVC) video frame grabber on the ultrasound machine's video output, through OpenCV.
+
+The grabber digitises the whole screen of the ultrasound machine; only the image area (a
+rectangle fixed by the machine's layout) is an ultrasound image. :class:`FrameGrabber` composes
+a :class:`~drivers.camera.UvcCamera` (its worker thread, timeouts and ``close()`` join are
+reused, not copied), asks the device for the stream's frame rate, and returns the cropped
+image area as ``H x W`` ``uint8`` grayscale: B-mode is grayscale, and a third of the bytes
+makes recording and DICOM cheaper. The interface (``open``, ``close``, ``capture``,
+``frame_rate_hz``) is the frame source the ultrasound service consumes; the simulator in
+:mod:`firmware_sim.ultrasound` offers the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from drivers.camera import CameraSettingError, CameraSettings, RgbFrame, UvcCamera
+
+GrayFrame = npt.NDArray[np.uint8]
+MAX_FRAME_RATE_HZ = 240.0
+
+
+@dataclass(frozen=True)
+class Crop:
+    """The image area inside the grabbed screen, in pixels of the grabbed frame."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+    def check_inside(self, resolution: tuple[int, int]) -> None:
+        width, height = resolution
+        if (self.left < 0 or self.top < 0 or self.width <= 0 or self.height <= 0
+                or self.left + self.width > width or self.top + self.height > height):
+            raise CameraSettingError(
+                f"crop: {self.width}x{self.height}+{self.left}+{self.top} is not inside the "
+                f"grabbed {width}x{height} frame")
+
+
+class _UvcAtFrameRate(UvcCamera):
+    """The UVC camera that also asks the device for a stream frame rate."""
+
+    def __init__(self, device: str | int, settings: CameraSettings, frame_rate_hz: float,
+                 dev_root: str) -> None:
+        super().__init__(device, settings, dev_root)
+        self.frame_rate_hz = frame_rate_hz
+
+    def _do_configure(self, settings: CameraSettings) -> None:
+        super()._do_configure(settings)
+        if not self._capture.set(cv2.CAP_PROP_FPS, self.frame_rate_hz):
+            raise CameraSettingError(
+                f"frame_rate_hz: {self.device_path} refused {self.frame_rate_hz}")
+
+
+class FrameGrabber:
+    """``async with FrameGrabber(...)``; ``capture()`` returns the cropped grayscale image."""
+
+    def __init__(self, device: str | int, *, resolution: tuple[int, int] = (1920, 1080),
+                 crop: Crop | None = None, frame_rate_hz: float = 30.0,
+                 frame_timeout_s: float = 1.0, dev_root: str = "/dev") -> None:
+        if not 0 < frame_rate_hz <= MAX_FRAME_RATE_HZ:
+            raise CameraSettingError(
+                f"frame_rate_hz: {frame_rate_hz} is outside (0, {MAX_FRAME_RATE_HZ}]")
+        settings = CameraSettings(resolution=resolution, frame_timeout_s=frame_timeout_s)
+        self.crop = crop or Crop(0, 0, *resolution)
+        self.crop.check_inside(resolution)
+        self.frame_rate_hz = frame_rate_hz
+        self.camera = _UvcAtFrameRate(device, settings, frame_rate_hz, dev_root)
+
+    async def __aenter__(self) -> FrameGrabber:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        await self.camera.open()
+
+    async def close(self) -> None:
+        await self.camera.close()
+
+    async def capture(self) -> GrayFrame:
+        return self.image_area(await self.camera.capture())
+
+    def image_area(self, frame: RgbFrame) -> GrayFrame:
+        c = self.crop
+        area: Any = frame[c.top:c.top + c.height, c.left:c.left + c.width]
+        return np.asarray(cv2.cvtColor(np.ascontiguousarray(area), cv2.COLOR_RGB2GRAY), np.uint8)

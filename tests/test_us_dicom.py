@@ -1,0 +1,119 @@
+"""DICOM Ultrasound Multi-frame: dciodvfy 0 errors, frame times, the private pose sequence, bad
+input refused by name, and delivery through the durable spool to a real Orthanc."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from daemons.manipulator import us_dicom
+from daemons.manipulator.us_dicom import Exam, FrameRecord, ImageGeometry, UsDicomError
+from firmware_sim.ultrasound import ImageGeometry as SimGeometry
+from firmware_sim.ultrasound import Phantom, render_bmode
+from medge.config import Secret
+from medge.pacs.config import Destination, RetryPolicy
+from medge.pacs.delivery import SpoolDelivery
+from medge.pacs.spool import Spool
+from tests.fixtures.orthanc import Orthanc
+
+ROWS, COLUMNS = 120, 160
+EXAM = Exam("PSEUDO-7", "ACC-42", "Doe^Jane")
+
+
+def sweep_recording(frames: int = 6) -> tuple[list[bytes], list[FrameRecord], list[np.ndarray]]:
+    """Frames of the phantom along x, irregular capture times (one skipped slot)."""
+    images, jpegs, records = [], [], []
+    at = 100.0
+    for index in range(frames):
+        tip = (-0.01 + index * 0.004, 0.001, -0.2235)
+        image = render_bmode(Phantom(), SimGeometry(COLUMNS, ROWS), tip, (0.0, 0.0, -1.0), 4.0)
+        images.append(image)
+        jpegs.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+        records.append(FrameRecord(at, tip, (0.0, 0.05 * index), 4.0 + index if index else None))
+        at += 2 / 30 if index == 2 else 1 / 30
+    return jpegs, records, images
+
+
+def write(tmp_path: Path) -> tuple[Path, list[FrameRecord], list[np.ndarray]]:
+    jpegs, records, images = sweep_recording()
+    ds = us_dicom.build_dataset(EXAM, jpegs, records, ImageGeometry(ROWS, COLUMNS, 0.5))
+    return us_dicom.write_instance(ds, tmp_path / "out"), records, images
+
+
+def test_instance_is_valid_for_dciodvfy(tmp_path: Path) -> None:
+    path, _, _ = write(tmp_path)
+    assert us_dicom.validate(path) == []
+
+
+def test_frame_times_pose_and_pixels_round_trip(tmp_path: Path) -> None:
+    path, records, images = write(tmp_path)
+    ds = us_dicom.load(path)
+    assert ds.SOPClassUID == us_dicom.US_MULTIFRAME_STORAGE and ds.Modality == "US"
+    assert (ds.PatientID, ds.AccessionNumber, str(ds.PatientName)) == \
+        ("PSEUDO-7", "ACC-42", "Doe^Jane")
+    assert int(ds.NumberOfFrames) == len(records)
+    assert ds.FrameIncrementPointer == us_dicom.FRAME_TIME_VECTOR_TAG
+    expected = [0.0] + [(b.captured_at - a.captured_at) * 1000 for a, b in
+                        itertools.pairwise(records)]
+    assert [float(v) for v in ds.FrameTimeVector] == pytest.approx(expected, abs=0.01)
+    assert float(ds.FrameTimeVector[3]) == pytest.approx(2000 / 30, abs=0.01)  # skipped slot
+    back = us_dicom.read_pose_sequence(ds)
+    assert len(back) == len(records)
+    for original, read in zip(records, back, strict=True):
+        assert read.tip_m == pytest.approx(original.tip_m, abs=1e-6)
+        assert read.tilt_rad == pytest.approx(original.tilt_rad, abs=1e-6)
+        assert read.captured_at == pytest.approx(original.captured_at - records[0].captured_at,
+                                                 abs=1e-5)
+    assert back[0].force_n is None and back[1].force_n == pytest.approx(5.0)
+    pixels = ds.pixel_array
+    assert pixels.shape == (len(images), ROWS, COLUMNS)
+    for decoded, original in zip(pixels, images, strict=True):
+        assert np.abs(decoded.astype(int) - original).mean() < 4  # JPEG q95 error
+    region = ds.SequenceOfUltrasoundRegions[0]
+    assert float(region.PhysicalDeltaX) == pytest.approx(0.05)  # cm per pixel
+
+
+@pytest.mark.parametrize(("jpegs", "records", "message"), [
+    ([], [], "no frames"),
+    ([b"x"], [], "1 frames but 0"),
+    ([b"x", b"y"], [FrameRecord(2.0, (0, 0, 0), (0, 0), 1.0),
+                    FrameRecord(1.0, (0, 0, 0), (0, 0), 1.0)], "backwards"),
+])
+def test_bad_recordings_are_refused_by_name(
+        jpegs: list[bytes], records: list[FrameRecord], message: str) -> None:
+    with pytest.raises(UsDicomError, match=message):
+        us_dicom.build_dataset(EXAM, jpegs, records, ImageGeometry(ROWS, COLUMNS, 0.5))
+
+
+def test_nan_force_never_reaches_a_number(tmp_path: Path) -> None:
+    path, _, _ = write(tmp_path)
+    forces = [r.force_n for r in us_dicom.read_pose_sequence(us_dicom.load(path))]
+    assert forces[0] is None and all(f is not None and math.isfinite(f) for f in forces[1:])
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "stow"])
+async def test_recording_reaches_orthanc_through_the_spool(
+        orthanc: Orthanc, tmp_path: Path, protocol: str) -> None:
+    path, _, _ = write(tmp_path)
+    ds = us_dicom.load(path)
+    if protocol == "dimse":
+        destination = Destination("dimse", host="127.0.0.1", port=orthanc.dicom_port,
+                                  called_ae=orthanc.aet, calling_ae="MEDGE-US", timeout_s=10)
+    else:
+        password = tmp_path / "stow.password"
+        password.write_text(orthanc.password + "\n")
+        password.chmod(0o600)
+        destination = Destination("stow", url=orthanc.dicomweb_url, username=orthanc.username,
+                                  password_file=Secret.read(password), timeout_s=10)
+    spool = Spool(tmp_path / "spool")
+    [job] = spool.enqueue([path], "pacs")
+    delivery = SpoolDelivery(spool, {"pacs": destination}, RetryPolicy(initial_s=0.05))
+    await asyncio.wait_for(delivery.deliver(job), 60)
+    assert orthanc.instance_uids(str(ds.SeriesInstanceUID)) == {str(ds.SOPInstanceUID)}
+    assert spool.jobs() == []
