@@ -43,6 +43,8 @@ class SyntheticSlide:
 
     seed: int = 1
     glass: tuple[Rect, ...] = ()
+    bare_glass: float = 0.3
+    """Share of the slide, roughly, left bare by the tissue outline; 0 covers it all."""
 
     def render(self, x0: float, y0: float, width: int, height: int) -> RgbImage:
         """Pixels [x0, x0+width) x [y0, y0+height) of the slide; sub-pixel x0/y0 are honoured."""
@@ -58,7 +60,9 @@ class SyntheticSlide:
         def octave(cell: int, salt: int) -> FloatImage:
             return _value_noise(self.seed * 7919 + salt, cell, x0, y0, width, height)
 
-        tissue = np.clip((octave(700, 1) - 0.3) * 4.0, 0.0, 1.0)
+        # With no bare glass the outline only modulates the stain, never reaching zero.
+        floor = 0.5 if self.bare_glass <= 0 else 0.0
+        tissue = np.clip((octave(700, 1) - self.bare_glass) * 4.0 + floor, 0.0, 1.0)
         fibres = 0.5 * octave(40, 2) + 0.3 * octave(12, 3) + 0.2 * octave(4, 4)
         nuclei = np.clip((octave(9, 5) - 0.55) * 5.0, 0.0, 1.0) * (0.6 + 0.4 * octave(3, 6))
         eosin = tissue * (0.25 + 0.6 * fibres)
