@@ -1,0 +1,282 @@
+"""Ultrasound capture: the phantom simulator, the grabber's crop, pose interpolation, the
+capture service (stamping, dropped frames, recording, live view) and the live view over a real
+mosquitto from the manipulator daemon on the simulated robot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiomqtt
+import cv2
+import numpy as np
+import pytest
+
+from daemons.manipulator.kinematics import ProbePose
+from daemons.manipulator.teleop_protocol import ProtocolError
+from daemons.manipulator.ultrasound import (
+    PoseSample,
+    PoseTrack,
+    UltrasoundError,
+    UltrasoundSection,
+    UltrasoundService,
+    age_ms,
+    attach,
+    decode_us_request,
+    parse_live,
+)
+from drivers.camera import CameraNotFound, CameraSettingError
+from drivers.frame_grabber import Crop, FrameGrabber
+from firmware_sim.ultrasound import (
+    ImageGeometry,
+    Phantom,
+    SimulatedUltrasound,
+    UltrasoundSimError,
+    render_bmode,
+    world_probe,
+)
+from medge.localbroker import Mosquitto
+from tests.teleop_rig import rig
+
+DOWN = (0.0, 0.0, -1.0)
+SKIN = -0.22
+SMALL = ImageGeometry(200, 150)
+
+
+# --- simulator ---------------------------------------------------------------------------
+
+def test_frames_change_as_the_probe_moves_and_repeat_at_the_same_pose() -> None:
+    here = render_bmode(Phantom(), SMALL, (0.0, 0.0, SKIN - 0.003), DOWN, 4.0)
+    again = render_bmode(Phantom(), SMALL, (0.0, 0.0, SKIN - 0.003), DOWN, 4.0)
+    moved = render_bmode(Phantom(), SMALL, (0.01, 0.0, SKIN - 0.003), DOWN, 4.0)
+    assert np.array_equal(here, again)
+    assert np.abs(here.astype(int) - moved).mean() > 5
+
+
+def test_frames_are_dark_without_contact_and_dim_with_depth() -> None:
+    touching = render_bmode(Phantom(), SMALL, (0.0, 0.0, SKIN - 0.003), DOWN, 4.0)
+    lifted = render_bmode(Phantom(), SMALL, (0.0, 0.0, SKIN - 0.003), DOWN, 0.0)
+    assert touching.mean() > 25 and lifted.mean() < 8
+    rows = touching.shape[0]
+    assert touching[rows // 5:rows // 2].mean() > touching[-rows // 5:].mean()
+
+
+def test_vessel_is_anechoic() -> None:
+    """The first vessel sits 3 cm deep at x = -2 cm: its centre is darker than the tissue."""
+    frame = render_bmode(Phantom(), ImageGeometry(200, 200, depth_m=0.06, aperture_m=0.05),
+                         (-0.02, 0.0, SKIN - 0.001), DOWN, 4.0)
+    centre_row = round(0.029 / 0.06 * 200)
+    lumen = frame[centre_row - 5:centre_row + 5, 95:105].mean()
+    assert lumen < 0.3 * frame[centre_row - 5:centre_row + 5, 5:25].mean()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ImageGeometry(8, 600),
+    lambda: ImageGeometry(depth_m=0.0),
+    lambda: SimulatedUltrasound(lambda: ((0, 0, 0), DOWN, 0.0), frame_rate_hz=0),
+])
+def test_bad_simulator_settings_are_refused(make: object) -> None:
+    with pytest.raises(UltrasoundSimError):
+        make()  # type: ignore[operator]
+
+
+async def test_simulator_capture_needs_open_and_closes_its_thread() -> None:
+    sim = SimulatedUltrasound(lambda: ((0.0, 0.0, SKIN - 0.003), DOWN, 4.0),
+                              frame_rate_hz=100, geometry=SMALL)
+    with pytest.raises(UltrasoundSimError, match="before open"):
+        await sim.capture()
+    async with sim:
+        frame = await sim.capture()
+    assert frame.shape == (150, 200) and frame.dtype == np.uint8 and sim.frames == 1
+
+
+# --- grabber -----------------------------------------------------------------------------
+
+def test_grabber_crops_the_image_area_to_grayscale() -> None:
+    grabber = FrameGrabber("/dev/null-camera", resolution=(64, 48), crop=Crop(8, 4, 32, 20))
+    screen = np.zeros((48, 64, 3), np.uint8)
+    screen[4:24, 8:40] = (200, 200, 200)
+    area = grabber.image_area(screen)
+    assert area.shape == (20, 32) and area.dtype == np.uint8
+    assert int(area.min()) == 200
+
+
+@pytest.mark.parametrize("crop", [Crop(0, 0, 65, 48), Crop(-1, 0, 10, 10), Crop(0, 40, 10, 10)])
+def test_grabber_crop_outside_the_frame_is_refused(crop: Crop) -> None:
+    with pytest.raises(CameraSettingError, match="crop"):
+        FrameGrabber(0, resolution=(64, 48), crop=crop)
+
+
+def test_grabber_frame_rate_out_of_range_is_refused() -> None:
+    with pytest.raises(CameraSettingError, match="frame_rate_hz"):
+        FrameGrabber(0, frame_rate_hz=0)
+
+
+async def test_missing_grabber_device_is_named(tmp_path: Path) -> None:
+    grabber = FrameGrabber(str(tmp_path / "video9"), resolution=(64, 48))
+    with pytest.raises(CameraNotFound, match="video9"):
+        await grabber.open()
+    assert not grabber.camera.is_open
+
+
+# --- pose track --------------------------------------------------------------------------
+
+def pose_x(x: float) -> ProbePose:
+    return ProbePose(x, 0.0, SKIN, 0.0, 0.1)
+
+
+def test_pose_track_interpolates_to_the_frame_time() -> None:
+    track = PoseTrack(max_hold_s=0.02)
+    track.add(PoseSample(1.00, pose_x(0.000), 2.0))
+    track.add(PoseSample(1.01, pose_x(0.001), 4.0))
+    track.add(PoseSample(1.005, pose_x(9.0), 9.0))  # out of order: ignored
+    stamped = track.at(1.0025)
+    assert stamped is not None
+    assert stamped.pose.tip_x == pytest.approx(0.00025) and stamped.force_n == pytest.approx(2.5)
+    held = track.at(1.02)
+    assert held is not None and held.pose.tip_x == pytest.approx(0.001)
+    assert track.at(0.99) is None and track.at(1.05) is None  # before, or too long after
+
+
+# --- service -----------------------------------------------------------------------------
+
+class FakeSource:
+    frame_rate_hz = 30.0
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def capture(self) -> np.ndarray:
+        raise AssertionError("the tests feed frames through accept()")
+
+
+def service(tmp_path: Path, track: PoseTrack, **section: object) -> tuple[
+        UltrasoundService, list[bytes]]:
+    published: list[bytes] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        assert topic == "live"
+        published.append(payload)
+    settings = UltrasoundSection(**section)  # type: ignore[arg-type]
+    return UltrasoundService(settings, FakeSource(), track, output_dir=tmp_path / "out",
+                             publish=publish, live_topic="live", clock=lambda: 10.0), published
+
+
+def moving_track() -> PoseTrack:
+    track = PoseTrack()
+    for step in range(101):  # 1 s at 100 Hz, x from 0 to 10 mm
+        track.add(PoseSample(9.0 + step * 0.01, pose_x(step * 0.0001), 3.0))
+    return track
+
+
+async def test_frames_are_stamped_recorded_and_written(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path, moving_track(), live_rate_hz=0.0)
+    image = np.full((60, 80), 90, np.uint8)
+    try:
+        recording = svc.start_recording("manual")
+        with pytest.raises(UltrasoundError, match="is running"):
+            svc.start_recording()
+        await svc.accept(image, 8.5)  # before the control loop's history: not recorded
+        for index in range(10):
+            await svc.accept(image, 9.1 + index / 30)
+        frame = svc.latest
+        assert frame is not None and frame.pose is not None
+        assert frame.pose.pose.tip_x == pytest.approx((9.1 + 9 / 30 - 9.0) * 0.01, abs=1e-9)
+        assert svc.recording is not None and svc.recording.skipped_unposed == 1
+        path = await svc.stop_recording()
+    finally:
+        await svc.close()
+    assert recording in path.read_bytes().decode("latin-1")
+    with pytest.raises(UltrasoundError, match="no recording"):
+        await svc.stop_recording()
+
+
+async def test_gaps_in_capture_times_count_dropped_frames(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path, moving_track(), live_rate_hz=0.0)
+    image = np.zeros((30, 40), np.uint8)
+    try:
+        for at in (9.0, 9.0 + 1 / 30, 9.0 + 4 / 30, 9.0 + 5 / 30):
+            await svc.accept(image, at)
+    finally:
+        await svc.close()
+    assert (svc.frames, svc.dropped) == (4, 2)
+
+
+async def test_empty_recording_is_refused(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path, PoseTrack())
+    try:
+        svc.start_recording()
+        await svc.accept(np.zeros((30, 40), np.uint8), 9.5)  # no pose: not recorded
+        with pytest.raises(UltrasoundError, match="no posed frame"):
+            await svc.stop_recording()
+    finally:
+        await svc.close()
+
+
+async def test_live_view_is_rate_limited_and_carries_age_pose_and_jpeg(tmp_path: Path) -> None:
+    svc, published = service(tmp_path, moving_track(), live_rate_hz=10.0)
+    image = np.full((30, 40), 128, np.uint8)
+    try:
+        for index in range(30):  # one second of frames at 30 fps
+            await svc.accept(image, 9.0 + index / 30)
+    finally:
+        await svc.close()
+    assert 10 <= len(published) <= 11  # 10 a second, plus the one that starts the second
+    header, jpeg = parse_live(published[-1])
+    assert header["seq"] == len(published) and (header["width"], header["height"]) == (40, 30)
+    assert header["force_n"] == pytest.approx(3.0) and header["pose"]["tilt"][1] == 0.1
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert decoded.shape == (30, 40) and abs(int(decoded.mean()) - 128) < 3
+    # the clock says 10.0 s and the frame was captured at 9.9667 s: 33 ms old when published
+    assert header["age_ms"] == pytest.approx(1000 / 30, abs=5)
+    assert age_ms(header, header["published_at"] + 0.1) == pytest.approx(header["age_ms"] + 100)
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    (b"[]", "malformed"),
+    (b'{"v": 1, "operator": "bob", "cmd": "list"}', "operator_mismatch"),
+    (b'{"v": 1, "operator": "alice", "cmd": "fly"}', "unknown_command"),
+    (b'{"v": 1, "operator": "alice", "cmd": "list", "args": []}', "malformed"),
+    (b'{"v": 1, "operator": "alice", "cmd": "list", "x": 1}', "malformed"),
+    (b"\xff" * 5000, "too_large"),
+])
+def test_bad_us_requests_are_named(payload: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_us_request(payload, "alice")
+    assert caught.value.code == code
+
+
+# --- end to end --------------------------------------------------------------------------
+
+async def test_live_view_reaches_a_subscriber_with_its_age(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    section = UltrasoundSection(resolution=(320, 240), live_rate_hz=15.0)
+    async with rig(broker.port, tmp_path) as r:
+        source = SimulatedUltrasound(world_probe(r.world), frame_rate_hz=30,
+                                     geometry=ImageGeometry(320, 240))
+        svc = await attach(r.daemon, section, source)
+        while (await svc.next_frame()).pose is None:  # frames before the first control cycle
+            pass
+        topic = f"{r.topics.state}/us"
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.subscribe(topic)
+            headers = []
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    assert isinstance(message.payload, bytes)
+                    header, jpeg = parse_live(message.payload)
+                    headers.append((header, jpeg, time.time()))
+                    if len(headers) == 5:
+                        break
+        for header, jpeg, received in headers:
+            assert 0 <= header["age_ms"] < 5000
+            assert age_ms(header, received) >= header["age_ms"]
+            assert header["pose"]["tip"][2] == pytest.approx(r.tip()[2], abs=1e-3)
+            assert header["force_n"] == pytest.approx(0.0, abs=0.5)  # hanging free
+            image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+            assert image.shape == (240, 320) and image.mean() < 10  # no contact: dark
+        assert [h["seq"] for h, _, _ in headers] == sorted(h["seq"] for h, _, _ in headers)
+        assert svc.frames >= 5
+        assert json.loads(json.dumps(svc.listing()))["sweeps"]["linear-x"]["kind"] == "linear"
