@@ -126,7 +126,7 @@ class ConsoleServer:
         self._state_received_at: float | None = None
         self._states_seen = -1
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[dict[str, Any]]]] = {
             ("POST", "/api/setpoint"): self._setpoint,
             ("POST", "/api/command"): self._command,
@@ -147,11 +147,9 @@ class ConsoleServer:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for writer in self._connections.values():
+            writer.transport.abort()  # each connection task then ends on its own
+        await asyncio.gather(*self._connections)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -161,14 +159,14 @@ class ConsoleServer:
                                 writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             while await self._serve_one(reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self._connections.discard(task)
+            del self._connections[task]
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -176,6 +174,7 @@ class ConsoleServer:
     async def _serve_one(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> bool:
         """Serve one request; False when the connection is done."""
+        request = None
         try:
             async with asyncio.timeout(IDLE_TIMEOUT_S):
                 request = await self._read_request(reader)
@@ -188,16 +187,21 @@ class ConsoleServer:
                 return False
             if request.method == "GET" and not request.path.startswith("/api/"):
                 await self._static(request.path, writer)
-                return True
-            handler = self._routes.get((request.method, request.path))
-            if handler is None:
-                raise HttpError(404 if request.method in ("GET", "POST") else 405,
-                                f"no {request.method} {request.path}")
-            self._check_token(request.headers.get("x-console-token", ""))
-            await self._respond(writer, 200, _json(await handler(request)))
+            else:
+                await self._api(request, writer)
         except HttpError as exc:
             await self._respond(writer, exc.status, _json({"ok": False, "error": exc.message}))
-        return True
+            if exc.status in (400, 413):
+                return False  # the stream may be out of step: close it
+        return request is not None and request.headers.get("connection", "").lower() != "close"
+
+    async def _api(self, request: Request, writer: asyncio.StreamWriter) -> None:
+        handler = self._routes.get((request.method, request.path))
+        if handler is None:
+            raise HttpError(404 if request.method in ("GET", "POST") else 405,
+                            f"no {request.method} {request.path}")
+        self._check_token(request.headers.get("x-console-token", ""))
+        await self._respond(writer, 200, _json(await handler(request)))
 
     async def _read_request(self, reader: asyncio.StreamReader) -> Request | None:
         try:
@@ -261,7 +265,7 @@ class ConsoleServer:
     async def _events(self, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Cache-Control: no-store\r\nConnection: close\r\n\r\n")
-        while True:
+        while not writer.is_closing():
             writer.write(b"data: " + _json(self.snapshot()) + b"\n\n")
             await writer.drain()
             await asyncio.sleep(EVENT_PERIOD_S)

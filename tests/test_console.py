@@ -1,0 +1,304 @@
+"""Console pieces without a browser: SpaceMouse reports, input settings, the loopback server's
+HTTP rules (token, host, bad input, stale and reordered page setpoints) against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from daemons.manipulator.kinematics import Twist, probe_axis
+from daemons.manipulator.teleop_protocol import decode_setpoint
+from medge.console.server import ConsoleInfo, ConsoleServer
+from medge.console.settings import InputSettings, SettingsError, SettingsStore, probe_to_base
+from medge.console.spacemouse import (
+    SpaceMouseError,
+    SpaceMouseReader,
+    SpaceMouseState,
+    apply_report,
+    find_devices,
+)
+from medge.localbroker import Mosquitto
+from medge.teleop import Broker, RobotTopics, TeleopClient
+
+# Reports as a SpaceNavigator (split) and a SpaceMouse Enterprise (combined) send them
+# (protocols.md §12): int16 LE counts, full scale 350; y, z, pitch, roll inverted.
+SPLIT_TRANSLATION = bytes.fromhex("01" "5e01" "a2fe" "af00")   # x=+350 y=-350 z=+175
+SPLIT_ROTATION = bytes.fromhex("02" "0000" "af00" "51ff")      # pitch 0, roll +175, yaw -175
+SPLIT_BUTTONS_LEFT = bytes.fromhex("03" "01" "00")
+COMBINED_ALL = bytes.fromhex("01" "5e01" "0000" "0000" "a2fe" "0000" "af00")  # x=+1 pitch=-1(raw)
+ROBOT = RobotTopics("site-a", "node-1", "probe-arm")
+
+
+# --- SpaceMouse ------------------------------------------------------------------------------
+
+def test_split_device_reports_map_to_signed_normalized_axes() -> None:
+    state = apply_report(SpaceMouseState(), SPLIT_TRANSLATION, combined=False)
+    assert state.axes == pytest.approx((1.0, 1.0, -0.5, 0.0, 0.0, 0.0))
+    state = apply_report(state, SPLIT_ROTATION, combined=False)
+    assert state.axes == pytest.approx((1.0, 1.0, -0.5, -0.0, -0.5, -0.5))
+    state = apply_report(state, SPLIT_BUTTONS_LEFT, combined=False)
+    assert state.buttons == 1 and state.axes[0] == pytest.approx(1.0)
+
+
+def test_combined_device_report_carries_all_six_axes_and_counts_are_clamped() -> None:
+    state = apply_report(SpaceMouseState(), COMBINED_ALL, combined=True)
+    assert state.axes == pytest.approx((1.0, 0.0, 0.0, 1.0, 0.0, 0.5))
+    overdriven = apply_report(state, bytes.fromhex("01" "ff7f" "0080" "0000"), combined=False)
+    assert overdriven.axes[:3] == pytest.approx((1.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("report", [b"", bytes.fromhex("01" "5e01"), bytes.fromhex("03")])
+def test_short_reports_raise_a_typed_error(report: bytes) -> None:
+    with pytest.raises(SpaceMouseError):
+        apply_report(SpaceMouseState(), report, combined=False)
+
+
+def test_reports_without_motion_leave_the_state_alone() -> None:
+    state = apply_report(SpaceMouseState(), SPLIT_TRANSLATION, combined=False)
+    assert apply_report(state, bytes.fromhex("0401"), combined=False) == state
+
+
+def test_find_devices_matches_spacemice_by_usb_ids(tmp_path: Path) -> None:
+    for name, hid_id in [("hidraw0", "0003:0000046D:0000C52B"),   # a Logitech receiver
+                         ("hidraw1", "0003:0000046D:0000C626"),   # SpaceNavigator
+                         ("hidraw2", "0003:0000256F:0000C633")]:  # SpaceMouse Enterprise
+        (tmp_path / name / "device").mkdir(parents=True)
+        (tmp_path / name / "device" / "uevent").write_text(f"DRIVER=hid-generic\nHID_ID={hid_id}\n")
+    found = find_devices(tmp_path, Path("/dev"))
+    assert [(d.path.name, d.combined) for d in found] == [("hidraw1", False), ("hidraw2", True)]
+
+
+async def test_reader_follows_the_device_and_zeroes_when_it_goes_away(tmp_path: Path) -> None:
+    fifo = tmp_path / "hidraw-fake"
+    os.mkfifo(fifo)
+    async with SpaceMouseReader(fifo, combined=False) as reader:
+        writer = os.open(fifo, os.O_WRONLY)
+        try:
+            os.write(writer, SPLIT_TRANSLATION)
+            await _until(lambda: reader.reports == 1)
+            assert reader.state.axes[0] == pytest.approx(1.0)
+            os.write(writer, bytes.fromhex("01" "5e"))  # torn report
+            await _until(lambda: reader.error is not None)
+            assert reader.state.axes == (0.0,) * 6 and "needs 6" in (reader.error or "")
+        finally:
+            os.close(writer)
+        await _until(lambda: "gone" in (reader.error or "") or reader._fd is None)
+        assert reader.state.axes == (0.0,) * 6
+
+
+async def test_reader_names_a_device_it_cannot_open(tmp_path: Path) -> None:
+    with pytest.raises(SpaceMouseError, match="hidraw9"):
+        async with SpaceMouseReader(tmp_path / "hidraw9", combined=False):
+            pass
+
+
+# --- settings --------------------------------------------------------------------------------
+
+def test_deadband_scaling_and_inversion_shape_the_twist() -> None:
+    settings = InputSettings(deadband=0.1, linear_m_s=0.02, angular_rad_s=0.2,
+                             invert={"y": True, "rx": True})
+    twist = settings.twist([0.05, 1.0, 0.55, 1.0, -1.0, 0.0])
+    assert twist.linear == pytest.approx((0.0, -0.02, 0.01))
+    assert twist.angular == pytest.approx((-0.2, -0.2, 0.0))
+    assert settings.twist([7.0, 0, 0, 0, 0, 0]).linear[0] == pytest.approx(0.02)  # clamped
+
+
+@pytest.mark.parametrize(("document", "key"), [
+    ({"deadband": 0.9}, "deadband"), ({"linear_m_s": -1}, "linear_m_s"),
+    ({"angular_rad_s": "fast"}, "angular_rad_s"), ({"invert": {"w": True}}, "invert"),
+    ({"invert": {"x": 1}}, "invert"), ({"colour": "red"}, "colour"), ([], "settings"),
+])
+def test_bad_settings_name_the_key(document: Any, key: str) -> None:
+    with pytest.raises(SettingsError, match=key):
+        InputSettings.from_dict(document)
+
+
+def test_axes_must_be_six_finite_numbers() -> None:
+    with pytest.raises(SettingsError, match="axes"):
+        InputSettings().twist([0.0] * 5)
+    with pytest.raises(SettingsError, match="axes.y"):
+        InputSettings().twist([0.0, math.nan, 0, 0, 0, 0])
+
+
+def test_settings_are_remembered_per_user(tmp_path: Path) -> None:
+    alice, bob = SettingsStore("alice", tmp_path), SettingsStore("bob", tmp_path)
+    assert alice.load() == InputSettings()
+    alice.save(InputSettings(deadband=0.2, invert={"z": True}))
+    assert alice.load().deadband == 0.2 and alice.load().invert["z"] is True
+    assert bob.load() == InputSettings()
+    (tmp_path / "bob.json").write_text("{not json")
+    with pytest.raises(SettingsError, match="bob.json"):
+        bob.load()
+    with pytest.raises(ValueError, match="user"):
+        SettingsStore("../etc", tmp_path)
+
+
+def test_probe_frame_twists_follow_the_probe_tilt() -> None:
+    twist = Twist((0.01, -0.02, 0.03), (0.1, 0.0, 0.0))
+    assert probe_to_base(twist, 0.0, 0.0) == twist
+    for a, b in [(0.3, 0.0), (0.0, -0.4), (0.2, 0.35)]:
+        down = probe_to_base(Twist((0.0, 0.0, -1.0), (0.0, 0.0, 0.0)), a, b).linear
+        assert down == pytest.approx(probe_axis(a, b))  # "lower" moves along the probe
+
+
+# --- server ----------------------------------------------------------------------------------
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def http(server: ConsoleServer, method: str, path: str, body: Any = None, *,
+               token: str | None = None, host: str | None = None,
+               raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{server.port}'}\r\n"
+                f"X-Console-Token: {server.token if token is None else token}\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+        writer.write(head.encode() + data)
+        response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = response.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    document = json.loads(payload) if payload.startswith(b"{") else {"raw": payload}
+    return int(status_line.split()[1]), document
+
+
+@contextlib.asynccontextmanager
+async def serving(broker: Mosquitto, tmp_path: Path) -> AsyncIterator[ConsoleServer]:
+    async with TeleopClient(Broker(port=broker.port), ROBOT, "alice") as client, \
+            ConsoleServer(client, ConsoleInfo("alice", "127.0.0.1", ROBOT.prefix),
+                          SettingsStore("alice", tmp_path)) as server:
+        yield server
+
+
+def page_setpoint(axes: list[float], age_s: float = 0.0) -> dict[str, Any]:
+    return {"stamp": (time.time() - age_s) * 1000, "axes": axes}
+
+
+async def test_fresh_page_setpoints_are_forwarded_once_each_with_the_dead_man_set(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        async with aiomqtt.Client("127.0.0.1", broker.port,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as spy:
+            await spy.subscribe(ROBOT.setpoints)
+            status, reply = await http(console, "POST", "/api/setpoint",
+                                       page_setpoint([1.0, 0, 0, 0, 0, 0]))
+            assert (status, reply) == (200, {"ok": True})
+            status, reply = await http(console, "POST", "/api/setpoint",
+                                       page_setpoint([0.0] * 6))
+            assert status == 200
+            messages = []
+            async with asyncio.timeout(5):
+                async for message in spy.messages:
+                    assert isinstance(message.payload, bytes)
+                    messages.append(decode_setpoint(message.payload, "alice"))
+                    if len(messages) == 2:
+                        break
+        moving, holding = messages
+        assert moving.enable and moving.twist is not None
+        assert moving.twist.linear == pytest.approx((InputSettings().linear_m_s, 0.0, 0.0))
+        assert holding.enable and holding.twist is None and holding.pose is None  # hold / go-to
+        assert console.counters.forwarded == 2
+
+
+async def test_stale_and_reordered_page_setpoints_are_dropped(broker: Mosquitto,
+                                                              tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        status, reply = await http(console, "POST", "/api/setpoint",
+                                   page_setpoint([1.0, 0, 0, 0, 0, 0], age_s=0.5))
+        assert status == 200 and reply["dropped"] == "stale"
+        fresh = page_setpoint([1.0, 0, 0, 0, 0, 0])
+        assert (await http(console, "POST", "/api/setpoint", fresh))[1] == {"ok": True}
+        status, reply = await http(console, "POST", "/api/setpoint", fresh)  # replayed
+        assert reply["dropped"] == "reordered"
+        assert (console.counters.forwarded, console.counters.dropped_stale,
+                console.counters.dropped_reordered) == (1, 1, 1)
+
+
+BAD_REQUESTS: list[tuple[str, str, Any, dict[str, Any], int, str]] = [
+    ("POST", "/api/setpoint", page_setpoint([0.0] * 6), {"token": "guess"}, 403, "token"),
+    ("POST", "/api/setpoint", page_setpoint([0.0] * 6), {"host": "evil.example:80"}, 403,
+     "loopback"),
+    ("POST", "/api/setpoint", None, {"raw": b"{oops"}, 400, "not JSON"),
+    ("POST", "/api/setpoint", [1, 2], {}, 400, "JSON object"),
+    ("POST", "/api/setpoint", {"stamp": 1.0, "axes": [0, 0]}, {}, 400, "axes"),
+    ("POST", "/api/setpoint", {"stamp": "now", "axes": [0] * 6}, {}, 400, "stamp"),
+    ("POST", "/api/setpoint", None, {"raw": b"x" * 70_000}, 413, "exceeds"),
+    ("POST", "/api/command", {"cmd": "self_destruct"}, {}, 400, "cmd"),
+    ("POST", "/api/command", {"cmd": "goto"}, {}, 400, "pose"),
+    ("POST", "/api/settings", {"deadband": 2}, {}, 400, "deadband"),
+    ("DELETE", "/api/settings", None, {}, 405, "DELETE"),
+    ("GET", "/../pyproject.toml", None, {}, 404, "no"),
+    ("GET", "/events", None, {}, 403, "token"),
+]
+"""(method, path, JSON body, http() options, expected status, words the error must contain)"""
+
+
+async def test_bad_requests_get_a_typed_error_naming_what(broker: Mosquitto,
+                                                          tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        for method, path, body, options, status, words in BAD_REQUESTS:
+            got, reply = await http(console, method, path, body, **options)
+            assert (got, reply["ok"]) == (status, False), (method, path, reply)
+            assert words in reply["error"], (method, path, reply)
+        assert console.counters.forwarded == 0
+
+
+async def test_garbage_on_the_socket_gets_400_and_the_server_keeps_serving(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        reader, writer = await asyncio.open_connection("127.0.0.1", console.port)
+        writer.write(b"\x16\x03\x01 hello\r\n\r\n")
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert response.startswith(b"HTTP/1.1 400")
+        status, _ = await http(console, "GET", "/api/settings")
+        assert status == 200
+
+
+async def test_page_assets_and_the_state_stream_are_served(broker: Mosquitto,
+                                                           tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        for path, marker in [("/", b"E-STOP"), ("/console.js", b"DEADMAN_KEY"),
+                             ("/console.css", b".estop")]:
+            status, document = await http(console, "GET", path)
+            assert status == 200 and marker in document["raw"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", console.port)
+        writer.write(f"GET /events?token={console.token} HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{console.port}\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"\r\n\r\n")
+            event = json.loads((await reader.readuntil(b"\n\n"))[len(b"data: "):])
+        writer.close()
+        await writer.wait_closed()
+        assert event["console"]["operator"] == "alice" and event["robot"] is None
+        assert event["console"]["force_stop_n"] > event["console"]["force_warn_n"]
+
+
+async def test_settings_round_trip_through_the_api_and_the_file(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        wanted = {"deadband": 0.15, "linear_m_s": 0.01, "angular_rad_s": 0.1,
+                  "invert": {"x": True, "y": False, "z": False, "rx": False, "ry": True,
+                             "rz": False}}
+        status, reply = await http(console, "POST", "/api/settings", wanted)
+        assert status == 200 and reply["settings"] == wanted
+        assert json.loads((tmp_path / "alice.json").read_text()) == wanted
+        assert (await http(console, "GET", "/api/settings"))[1]["settings"] == wanted
