@@ -54,8 +54,9 @@ class Demo:
         return f"socket://127.0.0.1:{port}"
 
     def check_alive(self) -> list[str]:
-        """Names of children that died (their log says why)."""
-        return [name for name, proc in self.processes if proc.poll() is not None]
+        """Names of children that died with a failure (their log says why); a one-shot child
+        such as the scan job may finish successfully."""
+        return [name for name, proc in self.processes if proc.poll() not in (None, 0)]
 
     def stop(self) -> None:
         for _, proc in reversed(self.processes):
@@ -223,7 +224,7 @@ async def run(duration: float, workdir: Path) -> int:
     for key, count in sorted(counts.items()):
         print(f"  {key:<28} {count}")
     if dead:
-        print(f"these processes stopped early: {', '.join(dead)} (see their logs in {workdir})")
+        print(f"these processes failed: {', '.join(dead)} (see their logs in {workdir})")
         return 1
     obs = sum(count for key, count in counts.items() if key.endswith("/obs"))
     if obs == 0:
