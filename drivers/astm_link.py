@@ -7,6 +7,12 @@ that does not complete in time, and ACKs-but-ignores a repeated frame (the sende
 same number when our ACK was lost). Frame numbers run mod 8 from 1; a sender wrapping 7 → 1
 (OpenELIS reading of the standard) is accepted too. Timers follow the standard and are
 configurable so tests run fast. See docs/urine-analyzers.md.
+
+The ACK of a message's last frame (ETX, ending with the terminator record L) is held back until
+the consumer asks for the next message: an analyzer deletes a result once that ACK arrives, so
+it must not leave before the gateway has stored the result (a power cut in between would lose
+it). A consumer that never asks again (crash) leaves the result with the analyzer, which sends
+it again in a later session: at least once, never lost.
 """
 
 from __future__ import annotations
@@ -86,17 +92,25 @@ class AstmReceiver:
         self.garbage_bytes = 0
         self._session_open = False
         """True when a new session's ENQ was already acknowledged while finishing the last."""
+        self._held_frame: int | None = None
+        """Number of the terminator frame returned to the consumer but not yet acknowledged."""
 
     async def receive_message(self) -> bytes:
         """Run sessions until one delivers a complete message; return its text (records + CR).
 
-        Raises ``LinkError`` when the link is lost; bad frames and garbage never escape.
+        Calling it again is the consumer's word that the previous message is stored: only then
+        is its last frame acknowledged. Raises ``LinkError`` when the link is lost; bad frames
+        and garbage never escape.
         """
         while True:
-            if not self._session_open:
-                await self._wait_for_enq()
-            self._session_open = False
-            message = await self._receive_session()
+            if self._held_frame is not None:
+                held, self._held_frame = self._held_frame, None
+                message = await self._receive_session(last_number=held, holding=True)
+            else:
+                if not self._session_open:
+                    await self._wait_for_enq()
+                self._session_open = False
+                message = await self._receive_session()
             if message:
                 return message
 
@@ -107,18 +121,31 @@ class AstmReceiver:
                 await self._link.write(NAK)
         await self._link.write(ACK)
 
-    async def _receive_session(self) -> bytes:
-        """Collect frames until EOT; return the message, or b"" if the session broke off."""
+    async def _receive_session(self, last_number: int | None = None, holding: bool = False
+                               ) -> bytes:
+        """Collect frames until EOT or a terminator frame; return the message, or b"" if the
+        session broke off. ``last_number`` resumes a session after the held terminator frame.
+
+        While ``holding``, what the sender did as we stored the message decides about the held
+        ACK: nothing yet → ACK now; it repeated the frame → the repeat is ACKed (once) below;
+        it gave up with EOT → no ACK, the result stays in its memory and comes again (a
+        duplicate, never a loss)."""
         parts: list[bytes] = []
-        last_number: int | None = None
         complete = False
         while True:
             try:
-                byte = await self._link.read_exactly(1, timeout=self.timers.frame)
-            except TimeoutError:  # a lost EOT must not lose a message whose last frame came
+                byte = await self._link.read_exactly(1, timeout=0 if holding else self.timers.frame)
+            except TimeoutError:
+                if holding:
+                    holding = False
+                    await self._link.write(ACK)
+                    continue
+                # a lost EOT must not lose a message whose last frame came
                 if not complete:
                     log.warning("astm_session_timeout", dropped_frames=len(parts))
                 return b"".join(parts) if complete else b""
+            if byte in (EOT, ENQ, STX):  # noise alone does not tell what the sender did
+                holding = False
             if byte == EOT:
                 if parts and not complete:
                     log.warning("astm_session_aborted", dropped_frames=len(parts))
@@ -147,6 +174,9 @@ class AstmReceiver:
                 continue
             parts.append(frame.text)
             last_number, complete = frame.number, frame.final
+            if complete and _ends_with_terminator(frame.text):
+                self._held_frame = frame.number
+                return b"".join(parts)
             await self._link.write(ACK)
 
     async def _read_frame(self) -> Frame | None:
@@ -171,6 +201,12 @@ class AstmReceiver:
             self.rejected_frames += 1
             log.warning("astm_bad_frame", reason=str(exc))
             return None
+
+
+def _ends_with_terminator(text: bytes) -> bool:
+    """True when the last record in a frame's text is the message terminator record (L)."""
+    records = [record for record in text.split(CR) if record]
+    return bool(records) and records[-1].startswith(b"L")
 
 
 def _follows(last: int | None, number: int) -> bool:

@@ -52,6 +52,19 @@ async def take(analyzer: AstmUrineAnalyzer, count: int) -> list[Measurement]:
     return await asyncio.wait_for(collect(), 30)
 
 
+async def take_after_reconnect(address: str) -> Measurement:
+    """One measurement over a new link, retried while the simulator still serves the old one
+    (one host at a time, like a serial port)."""
+    for _attempt in range(50):
+        try:
+            async with SerialLink.open(address) as link:
+                (measurement,) = await take(AstmUrineAnalyzer(link, timers=FAST), 1)
+                return measurement
+        except LinkError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the simulator never accepted a new connection")
+
+
 def specimen(measurement: Measurement) -> str:
     assert measurement.raw is not None
     found = re.search(rb"\rO\|1\|(S\d+)\|", measurement.raw)
@@ -217,3 +230,16 @@ def uroflow_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     uroflow.add_arguments(parser)
     return parser.parse_args([])
+
+
+async def test_gateway_crash_before_storing_leaves_the_strip_with_the_analyzer() -> None:
+    """Power cut between receiving a strip and storing it: the consumer never asks for the next
+    message, so the terminator is never ACKed and the analyzer sends the strip again."""
+    device = astm_urine.AstmUrineDevice(sim_args("--every", "60"))
+    server = SimulatorServer(device.serve, Endpoint.parse("tcp://127.0.0.1:0"))
+    async with server:
+        async with SerialLink.open(server.address) as link:
+            (lost,) = await take(AstmUrineAnalyzer(link, timers=FAST), 1)
+        again = await take_after_reconnect(server.address)  # the gateway restarted
+    assert specimen(lost) == specimen(again) == "S0001"
+    assert lost.readings == again.readings
