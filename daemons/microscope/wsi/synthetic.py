@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,36 +210,41 @@ def _vignetting(width: int, height: int, strength: float) -> FloatImage:
     return np.asarray(1.0 - strength * r2, dtype=np.float32)
 
 
-def iter_tiles(
-    slide: SyntheticSlide, spec: ScanSpec
-) -> Iterator[tuple[PlannedTile, RgbImage]]:
-    """Tiles rendered one at a time, so huge scans need no more memory than one tile."""
-    for tile in plan_scan(spec):
-        yield tile, acquire(slide, spec, tile)
-
-
 def write_scan(
-    out_dir: Path, spec: ScanSpec, slide: SyntheticSlide | None = None
+    out_dir: Path, spec: ScanSpec, slide: SyntheticSlide | None = None, workers: int = 1
 ) -> GroundTruth:
-    """Write a tiles folder (images, ``positions.csv``, ``scan.json``) and return the truth."""
+    """Write a tiles folder (images, ``positions.csv``, ``scan.json``) and return the truth.
+
+    ``workers`` > 1 renders tiles in that many processes (big bench slides).
+    """
     slide = slide or SyntheticSlide(seed=spec.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    planned = plan_scan(spec)
+    jobs = [(out_dir, spec, slide, tile) for tile in planned]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            names = list(pool.map(_write_tile, jobs, chunksize=8))
+    else:
+        names = [_write_tile(job) for job in jobs]
     lines = ["name,row,col,x_um,y_um"]
-    true_px: dict[str, tuple[float, float]] = {}
-    stage_px: dict[str, tuple[float, float]] = {}
-    params = [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality] if spec.image_format == ".jpg" else []
-    for tile, image in iter_tiles(slide, spec):
-        file_name = tile.name + spec.image_format
-        if not cv2.imwrite(str(out_dir / file_name), image[..., ::-1], params):
-            raise OSError(f"{out_dir / file_name}: could not write the tile image")
+    for tile, file_name in zip(planned, names, strict=True):
         x_um = tile.stage_px[0] * spec.pixel_size_um
         y_um = tile.stage_px[1] * spec.pixel_size_um
         lines.append(f"{file_name},{tile.row},{tile.col},{x_um:.4f},{y_um:.4f}")
-        true_px[file_name] = tile.true_px
-        stage_px[file_name] = tile.stage_px
     (out_dir / "positions.csv").write_text("\n".join(lines) + "\n")
     (out_dir / "scan.json").write_text(json.dumps({"pixel_size_um": spec.pixel_size_um}) + "\n")
+    true_px = {name: tile.true_px for tile, name in zip(planned, names, strict=True)}
+    stage_px = {name: tile.stage_px for tile, name in zip(planned, names, strict=True)}
     return GroundTruth(true_px, stage_px, spec, slide)
+
+
+def _write_tile(job: tuple[Path, ScanSpec, SyntheticSlide, PlannedTile]) -> str:
+    out_dir, spec, slide, tile = job
+    file_name = tile.name + spec.image_format
+    params = [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality] if spec.image_format == ".jpg" else []
+    if not cv2.imwrite(str(out_dir / file_name), acquire(slide, spec, tile)[..., ::-1], params):
+        raise OSError(f"{out_dir / file_name}: could not write the tile image")
+    return file_name
 
 
 def position_errors(
