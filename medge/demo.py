@@ -150,7 +150,44 @@ def scanner_part(demo: Demo) -> list[str]:
     return lines
 
 
-PARTS: list[Callable[[Demo], list[str]]] = [gateway_part, scanner_part]
+def robot_part(demo: Demo) -> list[str]:
+    """The tele-ultrasound robot: the Dynamixel bus and load cell simulated over one patient,
+    the manipulator daemon with the simulated RGB-D camera, and the sonographer's console."""
+    bus_port, force_port, console_port = free_port(), free_port(), free_port()
+    demo.spawn("sim-dynamixel", "sim", "dynamixel", "--listen", f"tcp://127.0.0.1:{bus_port}",
+               "--force-listen", f"tcp://127.0.0.1:{force_port}")
+    wait_for_port(bus_port, timeout=20)
+    wait_for_port(force_port, timeout=20)
+    site, node = "clinic-demo", "us-cart-1"
+    config = demo.workdir / "manipulator.toml"
+    config.write_text(
+        f'[node]\nsite = "{site}"\nnode = "{node}"\nstate_dir = "{demo.workdir}/manipulator"\n\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {demo.broker.port}\n\n'
+        f'[manipulator]\nbus = "socket://127.0.0.1:{bus_port}"\n'
+        f'force_sensor = "socket://127.0.0.1:{force_port}"\n\n'
+        f'[manipulator.registration]\ncamera = "simulated"\n')
+    demo.spawn("manipulator", "run", "manipulator", "--config", str(config))
+    console = demo.spawn("console", "console", "--broker", f"127.0.0.1:{demo.broker.port}",
+                         "--robot", f"{site}/{node}", "--user", "demo-sonographer",
+                         "--no-browser", "--port", str(console_port), "--spacemouse", "off")
+    url = _printed_url(demo.workdir / "console.log", console, timeout=30)
+    return [f"tele-ultrasound robot: manipulator on the simulated bus and load cell "
+            f"(config {config}); sonographer console {url or '(did not start: see console.log)'}"
+            " — Arm, then hold Space and use W/A/S/D/Q/E"]
+
+
+def _printed_url(log: Path, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """The URL a child printed to its log (the console's carries a session token)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for word in log.read_text(errors="replace").split():
+            if word.startswith("http://"):
+                return word
+        time.sleep(0.1)
+    return None
+
+
+PARTS: list[Callable[[Demo], list[str]]] = [gateway_part, scanner_part, robot_part]
 
 
 def describe(topic: str, envelope: dict[str, Any]) -> str:

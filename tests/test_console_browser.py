@@ -1,0 +1,195 @@
+"""The console in real headless Chromium (Debian's package, driven by Playwright) against the
+manipulator daemon, the simulators and a real mosquitto. The simulator's motion log is the
+witness that the robot moved, or did not.
+
+Set ``MEDGE_CONSOLE_SCREENSHOTS=docs/console`` to refresh the screenshots in the docs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from daemons.manipulator.supervisor import SupervisorConfig
+from medge.console.server import ConsoleInfo, ConsoleServer
+from medge.console.settings import SettingsStore
+from medge.localbroker import Mosquitto
+from tests.teleop_rig import Rig, rig, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+STOP_BUDGET_S = SupervisorConfig().stale_s + SupervisorConfig().stopping_time()
+RELAXED_WATCHDOG_S = 0.5
+"""The servos' bus watchdog is tested elsewhere; here Chromium shares two busy cores with the
+daemon, and a late control cycle must not trip it and hide what the console did."""
+UI_TIMEOUT_MS = 10_000
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Launched before the rig: starting the browser must not starve the daemon's loop."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: run `make setup` (scripts/setup.sh)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                   args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@contextlib.asynccontextmanager
+async def console(browser: Browser, r: Rig, operator: str,
+                  settings_dir: Path) -> AsyncIterator[tuple[Page, ConsoleServer]]:
+    async with r.operator(operator) as client, \
+            ConsoleServer(client, ConsoleInfo(operator, f"127.0.0.1:{r.broker.port}",
+                                              r.topics.prefix),
+                          SettingsStore(operator, settings_dir)) as server:
+        context = await browser.new_context(viewport={"width": 1280, "height": 720})
+        try:
+            page = await context.new_page()
+            await page.goto(server.url)
+            await banner(page, "not-armed")
+            yield page, server
+        finally:
+            await context.close()
+
+
+async def banner(page: Page, reason: str) -> None:
+    await page.wait_for_selector(f'#banner[data-reason="{reason}"]', timeout=UI_TIMEOUT_MS)
+
+
+async def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    directory = Path(os.environ.get("MEDGE_CONSOLE_SCREENSHOTS") or tmp_path)
+    await page.screenshot(path=str(directory / f"{name}.png"))
+
+
+async def arm_and_move_right(page: Page, r: Rig) -> None:
+    await page.click("#arm")
+    await banner(page, "idle")
+    await page.keyboard.down("Space")
+    await page.keyboard.down("KeyD")
+    start = r.tip()[0]
+    await wait_for(lambda: r.tip()[0] > start + 0.005)
+    await banner(page, "moving")
+
+
+async def assert_stops_and_stays_stopped(r: Rig, since: float) -> None:
+    """No servo moves later than the stale-command timeout plus the decelerating stop."""
+    await wait_for(lambda: r.sim.clock() > since + STOP_BUDGET_S + 0.2)
+    assert not r.moved_after(since + STOP_BUDGET_S)
+
+
+async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
+            console(browser, r, "alice", tmp_path) as (page, server):
+        assert await page.text_content("#operator") == "alice"
+        await screenshot(page, "idle", tmp_path)
+        await arm_and_move_right(page, r)
+        band, age_text = await page.evaluate("""() => {
+            const age = document.getElementById("command-age");
+            return [age.dataset.band, age.textContent];
+        }""")
+        age_ms = float(age_text.split(" ms")[0])  # the band follows the age shown beside it
+        assert band == ("green" if age_ms <= 100 else "amber" if age_ms <= 250 else "red")
+        assert "alice (you)" in (await page.text_content("#lease") or "")
+        assert abs(r.tip()[1]) < 1e-3  # D moves right (+x), nothing else
+        await screenshot(page, "armed-moving", tmp_path)
+        await page.keyboard.up("Space")  # the page sends no "release": setpoints just stop
+        released_at = r.sim.clock()
+        forwarded = server.counters.forwarded
+        await banner(page, "idle")
+        assert r.moved_after(released_at), "the robot was moving at the release"
+        await assert_stops_and_stays_stopped(r, released_at)
+        assert server.counters.forwarded - forwarded <= 2  # at most the requests in flight
+        await page.keyboard.up("KeyD")
+
+
+async def test_escape_latches_the_estop_and_reset_needs_confirmation_and_rearming(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
+            console(browser, r, "alice", tmp_path) as (page, _):
+        await arm_and_move_right(page, r)
+        await page.keyboard.press("Escape")  # dead-man and D stay held
+        await banner(page, "estop")
+        latched_at = r.sim.clock()
+        await assert_stops_and_stays_stopped(r, latched_at)
+        assert "estop_command" in (await page.text_content("#banner") or "")
+        await screenshot(page, "estop-latched", tmp_path)
+
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        await page.click("#reset")
+        await page.click("#disarm")  # a request after the dismissed one: replies arrive in order
+        await page.wait_for_selector("#message:has-text('disarm')", timeout=UI_TIMEOUT_MS)
+        assert r.daemon.state_document()["state"] == "estop"
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        await page.click("#reset")
+        await banner(page, "not-armed")  # reset leaves it disarmed: no motion with keys held
+        reset_at = r.sim.clock()
+        await assert_stops_and_stays_stopped(r, reset_at)
+        await page.keyboard.up("Space")
+        await page.keyboard.up("KeyD")
+
+
+async def test_a_second_console_cannot_take_the_lease_or_move_the_robot(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
+            console(browser, r, "alice", tmp_path) as (alice, _), \
+            console(browser, r, "bob", tmp_path) as (bob, bob_server):
+        await alice.click("#arm")
+        await banner(alice, "idle")
+        await bob.click("#arm")
+        await bob.wait_for_selector("#message.error:has-text('arm: refused')",
+                                    timeout=UI_TIMEOUT_MS)
+        await banner(bob, "lease-other")
+        assert "alice" in (await bob.text_content("#banner") or "")
+        await bob.keyboard.down("Space")
+        await bob.keyboard.down("KeyD")
+        since = r.sim.clock()
+        await wait_for(lambda: (r.daemon.state_document()["counters"]["foreign"] or 0) > 10)
+        assert bob_server.counters.forwarded > 10  # bob's setpoints reached the daemon…
+        assert not r.moved_after(since)            # …which ignored them
+        assert r.daemon.state_document()["lease"] == "alice"
+        await bob.keyboard.up("Space")
+        await bob.keyboard.up("KeyD")
+
+
+async def test_hiding_the_tab_stops_the_robot_and_says_why(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
+            console(browser, r, "alice", tmp_path) as (page, server):
+        await arm_and_move_right(page, r)
+        # Headless Chromium has no window to minimise: report the tab hidden the way the browser
+        # does (visibilityState + visibilitychange); the page's own handlers do the rest.
+        await page.evaluate("""() => {
+            Object.defineProperty(document, "visibilityState", {value: "hidden",
+                                                                configurable: true});
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        hidden_at = r.sim.clock()
+        await banner(page, "hidden")
+        forwarded = server.counters.forwarded
+        await assert_stops_and_stays_stopped(r, hidden_at)
+        assert server.counters.forwarded - forwarded <= 2
+        await page.evaluate("""() => {
+            delete document.visibilityState;
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""")
+        # Keys held while hidden are forgotten (their keyup may never come): the dead-man
+        # must be pressed again.
+        await banner(page, "not-armed")  # the silence outlasted 1 s: the lease lapsed
+        await page.keyboard.up("Space")
+        await page.keyboard.up("KeyD")
