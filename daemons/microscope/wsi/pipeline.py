@@ -94,7 +94,8 @@ def build_pyramid(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     outcome = register_tiles(
-        [tuple(p) for p in stage.tolist()], scan.tile_width, scan.tile_height, read,
+        [tuple(p) for p in stage.tolist()], scan.tile_width, scan.tile_height,
+        lambda index: scan.read_gray(scan.tiles[index]),
         settings or RegistrationSettings(),
     )
     timings["register"] = time.perf_counter() - started

@@ -231,7 +231,7 @@ def register_tiles(
     positions: list[tuple[float, float]],
     width: int,
     height: int,
-    read: Callable[[int], RgbImage],
+    read_gray: Callable[[int], npt.NDArray[np.uint8]],
     settings: RegistrationSettings,
 ) -> RegistrationOutcome:
     """Register every neighbouring pair, streaming tiles in stage order (top to bottom)."""
@@ -249,7 +249,7 @@ def register_tiles(
     result_pairs: list[PairGeometry] = []
 
     def load(index: int) -> Gray:
-        return to_gray(read(index))
+        return read_gray(index).astype(np.float32)
 
     with ThreadPoolExecutor(max(1, settings.workers), thread_name_prefix="wsi-register") as pool:
         for seen, (index, gray) in enumerate(_prefetched(pool, load, order, settings.workers * 2)):

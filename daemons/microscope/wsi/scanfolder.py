@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from daemons.microscope.wsi.model import RgbImage, TilePlacement
 
@@ -43,8 +44,15 @@ class Scan:
 
     def read(self, tile: TilePlacement) -> RgbImage:
         """The tile as RGB; a missing, unreadable or wrongly sized image is a ScanFolderError."""
+        return np.ascontiguousarray(self._read(tile, cv2.IMREAD_COLOR)[..., ::-1])
+
+    def read_gray(self, tile: TilePlacement) -> npt.NDArray[np.uint8]:
+        """The tile's luminance; for JPEG tiles decoding only luma is much cheaper."""
+        return self._read(tile, cv2.IMREAD_GRAYSCALE)
+
+    def _read(self, tile: TilePlacement, mode: int) -> npt.NDArray[np.uint8]:
         path = self.folder / tile.name
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = cv2.imread(str(path), mode)
         if image is None:
             raise ScanFolderError(f"{path}: not a readable image")
         if image.shape[:2] != (self.tile_height, self.tile_width):
@@ -52,7 +60,7 @@ class Scan:
                 f"{path}: {image.shape[1]}x{image.shape[0]} px, expected "
                 f"{self.tile_width}x{self.tile_height} like the other tiles"
             )
-        return np.ascontiguousarray(image[..., ::-1])
+        return np.asarray(image, dtype=np.uint8)
 
 
 def load_scan(folder: Path) -> Scan:
