@@ -176,6 +176,8 @@ def test_a_scan_lands_in_orthanc_and_passes_the_validators(
     files = sorted((scanner.workdir / "state" / "scans" / job / "dicom").glob("*.dcm"))
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert orthanc.instance_uids(series) == sent
+    status, out, _ = scanner.cli(capsys, "scan", "status", job, "--follow", "--json")
+    assert status == 0 and json.loads(out.splitlines()[-1])["status"] == "done"
     status, out, _ = scanner.cli(capsys, "scan", "report", job)
     assert status == 0, out
     assert "9 planned, 9 captured" in out and "validation: passed" in out
@@ -267,29 +269,47 @@ def _mean_abs_difference(first: Path, second: Path) -> float:
 
 def test_a_stage_alarm_mid_scan_fails_clearly_then_home_and_resume_finish(
         scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
-    # Focus takes 3 points x (5 coarse + 9 fine) frames; the controller reboots 3 tiles later.
-    scanner = scanners(fault_reset_after_captures=3 * 14 + 3)
+    # Focus takes 3 points x (5 coarse + 9 fine) frames; the limit alarm comes 3 tiles later.
+    scanner = scanners(fault_alarm_after_captures=3 * 14 + 3)
     job = scanner.submit(capsys)
     final = scanner.wait_for(job, finished)
     assert final["status"] == "failed"
+    assert final["message"].startswith("stage alarm or stage error during acquire")
     assert "medge stage home" in final["message"] and f"medge scan resume {job}" in final["message"]
-    assert final["tiles_done"] == 3  # every frame taken before the reboot is kept
-    status, out, _ = scanner.cli(capsys, "stage", "where")
-    assert status == 0 and "POSITION LOST" in out
+    assert final["tiles_done"] == 3  # every frame taken before the alarm is kept
     status, out, err = scanner.cli(capsys, "stage", "home")
     assert status == 0, err
-    assert "POSITION LOST" not in out
+    assert "alarm" not in out and "POSITION LOST" not in out
     status, _, err = scanner.cli(capsys, "scan", "resume", job)
     assert status == 0, err
     final = scanner.wait_for(job, finished)
     assert final["status"] == "done" and final["tiles_done"] == 9
 
 
+def test_a_controller_reboot_mid_scan_is_rehomed_and_the_scan_goes_on(
+        scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
+    """A USB reset or brown-out reboots the controller: position lost, no alarm."""
+    scanner = scanners(fault_reset_after_captures=3 * 14 + 3)
+    job = scanner.submit(capsys)
+    final = scanner.wait_for(job, finished)
+    assert final["status"] == "done", final["message"]
+    state = scanner.state_file(job)
+    assert state["plan_info"]["stage_recoveries"] == 1
+    assert len(state["tiles"]) == 9
+
+
 def test_a_lost_camera_fails_the_job_with_what_to_do(
         scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
     scanner = scanners(fault_camera_lost_after_captures=3 * 14 + 2)
-    job = scanner.submit(capsys)
-    final = scanner.wait_for(job, finished)
+    status, out, _ = scanner.cli(capsys, "scan", "start", "--barcode", "S-1", "--accession",
+                                 "A-1", "--patient", "P-1", "--objective", "20x", "--area",
+                                 AREA, "--wait", "--json")
+    assert status == 1  # --wait: the job's outcome is the exit status
+    lines = [json.loads(line) for line in out.splitlines()]
+    final = lines[-1]
+    phases = [line["phase"] for line in lines]
+    assert phases.index("focus") < phases.index("acquire")
+    assert [line["tiles_done"] for line in lines] == sorted(line["tiles_done"] for line in lines)
     assert final["status"] == "failed" and "camera lost" in final["message"]
     assert final["tiles_done"] == 2 and "2 of 9 tiles kept" in final["message"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -56,7 +57,8 @@ from daemons.microscope.rig import (
 from daemons.microscope.wsi.model import RgbImage, SlideMetadata
 from drivers.camera import CameraError, discover_cameras
 from drivers.grbl import rapid_move_s
-from drivers.stage import XYZ, StageError
+from drivers.grbl_protocol import GrblReset
+from drivers.stage import XYZ, PositionLostError, StageDisconnected, StageError
 from medge.config import ConfigError, bounds, load
 from medge.mqtt import LinkDown, PublishRefused
 from medge.runtime import Runtime
@@ -66,6 +68,8 @@ from medge.settings import DaemonConfig
 DAEMON = "microscope"
 log = structlog.get_logger().bind(component=DAEMON)
 MB = 1024 * 1024
+MAX_STAGE_RECOVERIES = 2
+STATE_SYNC_S = 2.0
 PNG_RATIO = 0.8
 """Losslessly compressed tile size / raw size, for the disk estimate (H&E compresses poorly)."""
 
@@ -154,6 +158,8 @@ class Microscope:
         self._stage_lock = asyncio.Lock()
         self._delivered: dict[str, asyncio.Event] = {}
         self._progress = Progress()
+        self._synced_at = 0.0
+        self._writing = asyncio.Lock()
         self.pacs: Any = None
         self.delivery: Any = None
         if section.pacs_file is not None:
@@ -233,7 +239,7 @@ class Microscope:
                 await self._save(job, durable=True)
                 began = time.monotonic()
                 async with self._stage_lock:
-                    await getattr(self, f"_phase_{phase}")(job)
+                    await self._run_phase(job, phase)
                 job.timings[phase] = job.timings.get(phase, 0.0) + time.monotonic() - began
             job.status = "done"
             job.message = "spooled: the PACS is unreachable, the series will be resent " \
@@ -252,6 +258,25 @@ class Microscope:
             await self._stop_stage()
         await self._save(job, durable=True)
 
+    async def _run_phase(self, job: JobState, phase: str) -> None:
+        """Run one phase. A controller that rebooted or was re-plugged (USB reset: position
+        lost, no alarm) is re-homed and the phase goes on from the first missing tile, up to
+        ``MAX_STAGE_RECOVERIES`` times per phase; an alarm stops the job for a technician."""
+        recoveries = 0
+        while True:
+            try:
+                await getattr(self, f"_phase_{phase}")(job)
+                return
+            except (PositionLostError, GrblReset, StageDisconnected) as exc:
+                if recoveries >= MAX_STAGE_RECOVERIES or self.rig.stage.alarm is not None:
+                    raise  # an alarm (limit switch, crash) needs a technician
+                recoveries += 1
+                job.plan_info["stage_recoveries"] = job.plan_info.get("stage_recoveries", 0) + 1
+                job.message = f"stage reset during {phase} ({exc}): re-homing and continuing"
+                log.warning("stage lost its position; re-homing", job=job.id, error=str(exc))
+                await self._save(job, durable=True)
+                await self._ensure_homed()
+
     async def _stop_stage(self) -> None:
         with contextlib.suppress(StageError, asyncio.TimeoutError):
             async with asyncio.timeout(10):
@@ -263,8 +288,15 @@ class Microscope:
             raise Cancelled
 
     async def _save(self, job: JobState, *, durable: bool = False) -> None:
-        """Persist; publish live progress; at phase changes also a durable ``job`` record."""
-        await asyncio.to_thread(self.store.save, job)
+        """Persist; publish live progress; at phase changes also a durable ``job`` record.
+        Per-tile saves reach the disk platter at most ``STATE_SYNC_S`` apart."""
+        now = time.monotonic()
+        sync = durable or now - self._synced_at >= STATE_SYNC_S
+        if sync:
+            self._synced_at = now
+        data = self.store.encode(job)  # here: the event loop is the only writer of jobs
+        async with self._writing:  # one write at a time, in the order the states were taken
+            await asyncio.to_thread(functools.partial(self.store.write, job.id, data, sync=sync))
         body = self.progress(job)
         await self.rt.publish_now(DAEMON, "state", body, retain=True)
         if durable:

@@ -165,9 +165,9 @@ class JobState:
                 "resumes": self.resumes, "created_at": self.created_at}
 
     def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
+        body = {name: getattr(self, name) for name in self.__dataclass_fields__}
         body["spec"] = self.spec.to_json()
-        body["tiles"] = [asdict(t) for t in sorted(self.tiles.values(), key=lambda t: t.index)]
+        body["tiles"] = [vars(self.tiles[i]) for i in sorted(self.tiles)]
         return body
 
     @classmethod
@@ -205,12 +205,23 @@ class JobStore:
             raise JobError("job", f"{job_id!r} is not a job id")
         return self.root / job_id
 
-    def save(self, state: JobState) -> None:
-        directory = self.directory(state.id)
+    def save(self, state: JobState, *, sync: bool = True) -> None:
+        """Replace the job's state atomically. ``sync=False`` skips the fsyncs: a process crash
+        still finds the new state, a power loss may find an older one (the tiles it does not
+        list are simply captured again), and the stage is not held up by a disk busy with tile
+        files."""
+        self.write(state.id, self.encode(state), sync=sync)
+
+    @staticmethod
+    def encode(state: JobState) -> bytes:
+        return json.dumps(state.to_json(), separators=(",", ":")).encode()
+
+    def write(self, job_id: str, data: bytes, *, sync: bool = True) -> None:
+        """Write an encoded state (encode in the thread that owns the job, write anywhere)."""
+        directory = self.directory(job_id)
         with self._writing:
             directory.mkdir(parents=True, exist_ok=True)
-            write_atomically(directory / "state.json",
-                             json.dumps(state.to_json(), separators=(",", ":")).encode())
+            write_atomically(directory / "state.json", data, sync)
 
     def load(self, job_id: str) -> JobState:
         path = self.directory(job_id) / "state.json"
@@ -235,14 +246,18 @@ class JobStore:
         return jobs, problems
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new content, whole."""
+def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new content, whole;
+    with ``sync`` also a power loss."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if not sync:
+        return
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

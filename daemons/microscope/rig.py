@@ -75,6 +75,8 @@ class SimulatorSection:
     fault_reset_after_captures: int = field(default=0, metadata=bounds(min=0))
     """Fault for tests: the controller reboots (alarm, position lost) after this many tile-camera
     frames; 0: never."""
+    fault_alarm_after_captures: int = field(default=0, metadata=bounds(min=0))
+    """Fault for tests: the controller raises a limit alarm (ALARM:2, locked until reset)."""
     fault_camera_lost_after_captures: int = field(default=0, metadata=bounds(min=0))
     """Fault for tests: the tile camera drops off USB after this many frames; 0: never."""
 
@@ -290,6 +292,8 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
     def inject_faults(count: int) -> None:
         if count == simulator.fault_reset_after_captures:
             loop.call_soon_threadsafe(machine.spurious_reset)
+        if count == simulator.fault_alarm_after_captures:
+            loop.call_soon_threadsafe(machine._soft_limit_alarm)
         if count == simulator.fault_camera_lost_after_captures:
             tiles.unplugged = True
 
