@@ -190,22 +190,24 @@ class LegacyFramer:
     def feed(self, data: bytes) -> list[bytes]:
         self._pending.extend(data)
         packets: list[bytes] = []
-        buffer = self._pending
-        while buffer:
-            if not buffer[0] & 0x80:
-                buffer.pop(0)
+        buffer, pos = self._pending, 0  # one cut at the end keeps garbage linear, not quadratic
+        while pos < len(buffer):
+            if not buffer[pos] & 0x80:
+                pos += 1
                 self.discarded += 1
                 continue
             # A sync bit inside the next four bytes means this packet was cut short.
-            cut = next((i for i in range(1, min(len(buffer), 5)) if buffer[i] & 0x80), None)
+            end = min(len(buffer), pos + LEGACY_PACKET_SIZE)
+            cut = next((i for i in range(pos + 1, end) if buffer[i] & 0x80), None)
             if cut is not None:
-                del buffer[:cut]
-                self.discarded += cut
+                self.discarded += cut - pos
+                pos = cut
                 continue
-            if len(buffer) < LEGACY_PACKET_SIZE:
+            if end - pos < LEGACY_PACKET_SIZE:
                 break
-            packets.append(bytes(buffer[:LEGACY_PACKET_SIZE]))
-            del buffer[:LEGACY_PACKET_SIZE]
+            packets.append(bytes(buffer[pos:end]))
+            pos = end
+        del buffer[:pos]
         return packets
 
 
@@ -219,23 +221,24 @@ class V46Framer:
     def feed(self, data: bytes) -> list[bytes]:
         self._pending.extend(data)
         frames: list[bytes] = []
-        buffer = self._pending
-        while buffer:
-            length = V46_FRAME_LENGTHS.get(buffer[0]) if not buffer[0] & 0x80 else None
+        buffer, pos = self._pending, 0  # one cut at the end keeps garbage linear, not quadratic
+        while pos < len(buffer):
+            length = V46_FRAME_LENGTHS.get(buffer[pos]) if not buffer[pos] & 0x80 else None
             if length is None:  # continuation byte or unknown type: hunt for the next start
-                buffer.pop(0)
+                pos += 1
                 self.discarded += 1
                 continue
-            end = min(len(buffer), length)
-            cut = next((i for i in range(1, end) if not buffer[i] & 0x80), None)
+            end = min(len(buffer), pos + length)
+            cut = next((i for i in range(pos + 1, end) if not buffer[i] & 0x80), None)
             if cut is not None:
-                del buffer[:cut]
-                self.discarded += cut
+                self.discarded += cut - pos
+                pos = cut
                 continue
-            if len(buffer) < length:
+            if end - pos < length:
                 break
-            frames.append(bytes(buffer[:length]))
-            del buffer[:length]
+            frames.append(bytes(buffer[pos:end]))
+            pos = end
+        del buffer[:pos]
         return frames
 
 
