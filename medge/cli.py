@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "medge.scancli",
     "medge.pkicli",
     "medge.consolecli",
+    "medge.uscli",
 ]
 
 

@@ -280,3 +280,36 @@ async def test_live_view_reaches_a_subscriber_with_its_age(
         assert [h["seq"] for h, _, _ in headers] == sorted(h["seq"] for h, _, _ in headers)
         assert svc.frames >= 5
         assert json.loads(json.dumps(svc.listing()))["sweeps"]["linear-x"]["kind"] == "linear"
+
+
+async def test_daemon_with_an_ultrasound_section_runs_the_simulated_probe(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """The daemon's own hook: ``[manipulator.ultrasound] source = "simulated"`` renders the
+    phantom from the daemon's measured pose and force."""
+    section = UltrasoundSection(resolution=(160, 120), live_rate_hz=0.0)
+    async with rig(broker.port, tmp_path, ultrasound=section) as r:
+        svc = r.daemon.ultrasound
+        assert svc is not None
+        frame = await svc.next_frame()
+        while frame.pose is None:
+            frame = await svc.next_frame()
+        assert (frame.rows, frame.columns) == (120, 160)
+        assert frame.pose.pose.tip_z == pytest.approx(r.tip()[2], abs=1e-3)
+
+
+def test_ultrasound_section_loads_from_toml(tmp_path: Path) -> None:
+    from daemons.manipulator.daemon import ManipulatorConfig
+    from medge.config import ConfigError, load
+
+    path = tmp_path / "manipulator.toml"
+    path.write_text('[node]\nsite = "s"\nnode = "n"\n'
+                    '[manipulator.ultrasound]\nsource = "/dev/video2"\ncrop = [10, 20, 800, 600]\n'
+                    'frame_rate_hz = 25.0\n'
+                    '[manipulator.ultrasound.sweeps.liver]\nkind = "fan"\nfan_rad = 0.2\n')
+    section = load(path, ManipulatorConfig).manipulator.ultrasound
+    assert section is not None and section.crop == (10, 20, 800, 600)
+    assert section.sweeps["liver"].kind == "fan" and section.frame_rate_hz == 25.0
+    path.write_text('[node]\nsite = "s"\nnode = "n"\n'
+                    '[manipulator.ultrasound]\nframe_rate_hz = 500.0\n')
+    with pytest.raises(ConfigError, match="frame_rate_hz"):
+        load(path, ManipulatorConfig)

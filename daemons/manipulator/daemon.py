@@ -49,6 +49,7 @@ from daemons.manipulator.supervisor import (
     Setpoint,
     SupervisorConfig,
 )
+from daemons.manipulator.ultrasound import UltrasoundSection, UltrasoundService, attach
 from drivers.dynamixel import DynamixelBus, DynamixelChain
 from drivers.dynamixel_protocol import DynamixelError
 from drivers.force_sensor import ForceSensor
@@ -107,6 +108,8 @@ class ManipulatorSection:
     poses: dict[str, NamedPose] = field(
         default_factory=lambda: {"home": NamedPose((0.0, 0.0, -0.2))})
     registration: RegistrationSection = field(default_factory=RegistrationSection)
+    ultrasound: UltrasoundSection | None = None
+    """Image capture, sweeps and recordings (docs/ultrasound.md); absent: no ultrasound."""
 
     def validate(self) -> None:
         check_topic_level("robot", self.robot)
@@ -165,6 +168,7 @@ class ManipulatorDaemon:
         self._loop_stats: dict[str, float] = {}
         self._arrived = asyncio.Event()
         self._estop_input_active = False
+        self.ultrasound: UltrasoundService | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -207,6 +211,8 @@ class ManipulatorDaemon:
         self._spawn(self._loop_stats_refresher(), "teleop-loop-stats")
         if section.estop_input is not None:
             self._spawn(self._watch_estop_input(section.estop_input), "estop-input")
+        if section.ultrasound is not None:
+            self.ultrasound = await attach(self, section.ultrasound)
         self.rt.link.subscribe(self.topics.setpoints, self._on_setpoint, qos=0)
         self.rt.link.subscribe(self.topics.requests, self._on_request, qos=1)
         log.info("manipulator started", robot=section.robot, bus=section.bus)

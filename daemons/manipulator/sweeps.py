@@ -6,7 +6,9 @@ control loop's cycle listener, so it never lags the loop). The supervisor theref
 exactly the rules it applies to a remote sonographer — speed, acceleration and jerk limits,
 joint and workspace limits, force warn/stop with retraction, E-stop. The sweep never bypasses
 it and never retries: whenever the supervisor stops it (E-stop, force limit, lease lost,
-unreachable target) the sweep ends with that reason, and the robot is left stopped.
+unreachable target) the sweep ends with that reason, and the robot is left stopped. While
+the supervisor holds the robot for a passing condition (force sensor silent for a moment, force
+above the warning level) the path waits instead of running ahead.
 
 Paths (all in the robot base frame, where the registered patient surface is given):
 
@@ -49,8 +51,10 @@ ARRIVED_RAD = 0.008
 SURFACE_RADIUS_M = 0.01
 """Registered surface points within this distance (in x, y) give the height under a point."""
 SWEEP_OPERATOR_PREFIX = "sweep."
-STOP_REASONS = frozenset({Reason.FORCE_LIMIT, Reason.UNREACHABLE_TARGET, Reason.COMMAND_LOST,
-                          Reason.FORCE_SENSOR_SILENT, Reason.FORCE_SENSOR_IMPLAUSIBLE})
+STOP_REASONS = frozenset({Reason.FORCE_LIMIT, Reason.UNREACHABLE_TARGET, Reason.COMMAND_LOST})
+HOLD_REASONS = frozenset({Reason.FORCE_SENSOR_SILENT, Reason.FORCE_SENSOR_IMPLAUSIBLE,
+                          Reason.FORCE_WARNING})
+"""The supervisor holds the robot still (or slows it) for these: the path waits for it."""
 
 
 class SweepError(RuntimeError):
@@ -79,6 +83,8 @@ class SweepSpec:
     approach_timeout_s: float = field(default=20.0, metadata=bounds(min=0.1, max=600.0))
 
     def __post_init__(self) -> None:
+        if not self.speed > 0:  # also when built in code, not only from a config file
+            raise ValueError(f"sweep speed must be > 0, got {self.speed}")
         if self.kind == "linear" and math.dist(self.start, self.end) <= 0:
             raise ValueError("a linear sweep needs end different from start")
         if self.kind == "fan" and self.fan_rad <= 0:
@@ -248,7 +254,7 @@ class SweepRun:
             elif now > self._approach_deadline:
                 self.abort("approach_timeout")
                 return
-        elif self.phase is Phase.SWEEPING:
+        elif self.phase is Phase.SWEEPING and not status.reasons & HOLD_REASONS:
             self.progress = min(self.spec.length, self.progress + self.spec.rate * dt)
             target = path_pose(self.spec, self.surface, self.progress)
             if self.progress >= self.spec.length and _arrived(output, target):

@@ -1,0 +1,183 @@
+"""Sweep protocols on the simulated robot through mosquitto: a sweep completes under the
+supervisor with frames stamped by the true pose and a valid DICOM recording; E-stop and the
+force limit stop it; a doctor takes over (lease passes, sweep stops) and hands back (it
+resumes and completes); bad requests are refused by name."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemons.manipulator import us_dicom
+from daemons.manipulator.kinematics import Twist
+from daemons.manipulator.sweeps import Phase, Surface, SweepSpec, path_pose
+from daemons.manipulator.ultrasound import UltrasoundSection, UltrasoundService, attach
+from firmware_sim.ultrasound import ImageGeometry, SimulatedUltrasound, world_probe
+from medge.localbroker import Mosquitto
+from medge.teleop import TeleopClient
+from medge.uscli import UsTopics, us_request
+from tests.teleop_rig import Rig, rig, wait_for
+
+SHORT = SweepSpec(start=(-0.008, 0.0), end=(0.008, 0.0), speed=0.02, press_m=0.003)
+FAN = SweepSpec(kind="fan", start=(0.0, 0.0), fan_rad=0.1, speed=0.02, press_m=0.003)
+DEEP = SweepSpec(start=(-0.008, 0.0), end=(0.008, 0.0), speed=0.02, press_m=0.02)
+SLOW = SweepSpec(start=(-0.01, 0.0), end=(0.01, 0.0), speed=0.004, press_m=0.003)
+SECTION = UltrasoundSection(resolution=(160, 120), live_rate_hz=0.0,
+                            sweeps={"short": SHORT, "fan": FAN, "deep": DEEP, "slow": SLOW})
+
+
+@contextlib.asynccontextmanager
+async def us_rig(port: int, tmp_path: Path) -> AsyncIterator[tuple[Rig, UltrasoundService]]:
+    async with rig(port, tmp_path) as r:
+        source = SimulatedUltrasound(world_probe(r.world), frame_rate_hz=30,
+                                     geometry=ImageGeometry(160, 120))
+        yield r, await attach(r.daemon, SECTION, source)
+
+
+@contextlib.asynccontextmanager
+async def us_client(r: Rig, operator: str) -> AsyncIterator[TeleopClient]:
+    topics = UsTopics(r.topics.site, r.topics.node, r.topics.robot)
+    async with TeleopClient(r.broker, topics, operator) as client:
+        yield client
+
+
+def true_tip(r: Rig, at: float) -> tuple[float, float, float]:
+    """The simulator's own tip position at time ``at`` (its motion log, its kinematics)."""
+    log = list(r.sim.motion_log)
+    index = min(bisect.bisect_left([s.time for s in log], at), len(log) - 1)
+    return r.world._pose_at(log[index].positions)[0]
+
+
+def test_paths_follow_the_surface_and_the_fan_turns_about_the_tip() -> None:
+    surface = Surface([[0.008, 0.0, -0.21]], default_z_m=-0.22)
+    assert path_pose(SHORT, surface, 0.0).tip_z == pytest.approx(-0.22 - 0.003)  # none near
+    middle = path_pose(SHORT, surface, SHORT.length / 2)
+    assert middle.tip == pytest.approx((0.0, 0.0, -0.213))  # the registered point, 8 mm away
+    first, last = path_pose(FAN, surface, 0.0), path_pose(FAN, surface, FAN.length)
+    assert first.tip == last.tip and (first.tilt_a, last.tilt_a) == pytest.approx((-0.1, 0.1))
+    assert path_pose(SHORT, surface, 99.0).tip_x == pytest.approx(0.008)  # clamped
+
+
+@pytest.mark.parametrize("spec", [dict(start=(0.0, 0.0), end=(0.0, 0.0)),
+                                  dict(kind="fan", fan_rad=0.0), dict(speed=0.0)])
+def test_bad_sweeps_are_refused_by_the_config(spec: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SweepSpec(**spec)  # type: ignore[arg-type]
+
+
+async def test_sweep_completes_with_pose_stamped_frames_and_a_valid_recording(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc), us_client(r, "dr-lee") as doctor:
+        reply = await us_request(doctor, "sweep_start", {"name": "short"})
+        assert (reply.ok, reply.reason) == (True, "ok")
+        run = svc.sweep
+        assert run is not None
+        assert await run.finished(30) == "completed"
+        await wait_for(lambda: bool(svc.written), 20)
+        listing = (await us_request(doctor, "list")).detail
+    assert listing["sweep"]["outcome"] == "completed" and listing["recording"] is None
+    ds = us_dicom.load(svc.written[0])
+    assert us_dicom.validate(svc.written[0]) == []
+    records = us_dicom.read_pose_sequence(ds)
+    xs = [rec.tip_m[0] for rec in records]
+    assert min(xs) < -0.006 and max(xs) > 0.006  # the recording spans the sweep
+    assert max(rec.force_n or 0.0 for rec in records) > 2.0  # in contact, below the limits
+    assert max(rec.force_n or 0.0 for rec in records) < SECTION.sweeps["short"].press_m * 1e4
+    pixels = ds.pixel_array
+    bright = [float(p.mean()) for p, rec in zip(pixels, records, strict=True)
+              if (rec.force_n or 0) > 2.0]
+    assert bright and min(bright) > 15
+
+
+async def test_frames_carry_the_true_pose_at_their_capture_time(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc):
+        run = svc.start_sweep("short", r.daemon.control, Surface())
+        stamped = []
+        while run.running:
+            frame = await svc.next_frame()
+            if frame.pose is not None and run.phase is Phase.SWEEPING:
+                stamped.append(frame)
+        assert run.outcome == "completed" and len(stamped) > 10
+        for frame in stamped:
+            assert frame.pose is not None
+            truth = true_tip(r, frame.captured_at)
+            # the tip moves at most 20 mm/s: 1 mm is 50 ms of timing error
+            assert math.dist(frame.pose.pose.tip, truth) < 0.001
+
+
+async def test_estop_mid_sweep_stops_it_and_the_robot(broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc), r.operator("dr-lee") as doctor:
+        run = svc.start_sweep("slow", r.daemon.control, Surface())
+        await wait_for(lambda: run.phase is Phase.SWEEPING and run.progress > 0.002, 20)
+        await doctor.estop()
+        assert await run.finished(5) == "estop_command"
+        stopped_at = r.sim.clock()
+        await wait_for(lambda: not r.moved_after(stopped_at + 1.0) and
+                       r.sim.clock() > stopped_at + 1.5, 10)
+        assert run.phase is Phase.STOPPED
+        state = await doctor.wait_state(lambda s: s["state"] == "estop")
+        assert state["lease"] is None
+        await wait_for(lambda: bool(svc.written), 20)  # what was captured is kept
+
+
+async def test_force_limit_stops_the_sweep(broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc):
+        run = svc.start_sweep("deep", r.daemon.control, Surface())
+        assert await run.finished(30) == "force_limit"
+        assert r.daemon.control.supervisor.operator is None
+        assert r.world.contact_force()[0] < SECTION.sweeps["deep"].press_m * 1500
+
+
+async def test_take_over_passes_the_lease_and_hand_back_resumes(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc), \
+            us_client(r, "dr-lee") as doctor_us, r.operator("dr-lee") as doctor:
+        assert (await us_request(doctor_us, "sweep_start", {"name": "slow"})).ok
+        run = svc.sweep
+        assert run is not None
+        await wait_for(lambda: run.phase is Phase.SWEEPING and run.progress > 0.002, 20)
+        paused = await us_request(doctor_us, "sweep_pause")
+        assert paused.ok and paused.detail["phase"] == "paused"
+        held = run.progress
+        reply = await us_request(doctor_us, "take_over")
+        assert reply.ok and reply.detail["phase"] == "taken_over"
+        assert r.daemon.control.supervisor.operator == "dr-lee"
+        assert run.progress == held and run.running
+        # the doctor steers: their setpoints move the robot, the sweep's no longer arrive
+        doctor.command(True, Twist((0.0, 0.01, 0.0), (0.0, 0.0, 0.0)))
+        await doctor.start_stream(100)
+        start_y = r.tip()[1]
+        try:
+            await wait_for(lambda: r.tip()[1] > start_y + 0.002, 10)
+        except TimeoutError:
+            pytest.fail(f"the doctor could not steer: {r.daemon.state_document()}")
+        await doctor.stop_stream()
+        refused = await us_request(doctor_us, "sweep_resume")
+        assert (refused.ok, refused.reason) == (False, "wrong_phase")
+        back = await us_request(doctor_us, "hand_back")
+        assert back.ok and back.detail["phase"] == "approach"
+        assert r.daemon.control.supervisor.operator == run.operator
+        assert await run.finished(60) == "completed"
+        assert run.progress == pytest.approx(run.spec.length)
+        assert abs(r.tip()[1]) < 0.0015  # the sweep went back onto its path
+
+
+async def test_sweep_requests_are_refused_by_name(broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, _), us_client(r, "dr-lee") as doctor_us, \
+            r.operator("alice") as alice:
+        unknown = await us_request(doctor_us, "sweep_start", {"name": "nope"})
+        assert (unknown.ok, unknown.reason) == (False, "unknown_sweep")
+        nothing = await us_request(doctor_us, "take_over")
+        assert (nothing.ok, nothing.reason) == (False, "no_sweep")
+        assert (await alice.arm()).ok  # someone else holds the lease: no sweep
+        busy = await us_request(doctor_us, "sweep_start", {"name": "short"})
+        assert (busy.ok, busy.reason) == (False, "foreign_operator")
+        stop = await us_request(doctor_us, "record_stop")
+        assert (stop.ok, stop.reason) == (False, "not_recording")
+        await alice.disarm()
