@@ -213,3 +213,15 @@ def test_unreadable_or_odd_sized_tile_is_named(tmp_path: Path) -> None:
     (tmp_path / "tile_r000_c002.png").write_bytes(b"not an image")
     with pytest.raises(ScanFolderError, match="not a readable image"):
         load_scan(tmp_path).read(load_scan(tmp_path).tiles[2])
+
+
+@pytest.mark.parametrize("slide", [TISSUE, SyntheticSlide(seed=12, bare_glass=0.0, period=512)])
+def test_synthetic_slide_is_one_global_image(slide: SyntheticSlide) -> None:
+    """Ground truth is only truth if a pixel does not depend on which tile rendered it."""
+    whole = slide.render(300.0, 200.0, 200, 150).astype(int)
+    part = slide.render(340.0, 230.0, 100, 80).astype(int)
+    assert np.array_equal(whole[30:110, 40:140], part)
+    shifted = slide.render(300.5, 200.0, 200, 150).astype(int)
+    assert 0 < np.abs(shifted - whole).mean() < np.abs(whole[:, 1:] - whole[:, :-1]).mean()
+    if slide.period:
+        assert np.array_equal(slide.render(300.0 + slide.period, 200.0, 200, 150), whole)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -46,11 +47,19 @@ class SyntheticSlide:
     glass: tuple[Rect, ...] = ()
     bare_glass: float = 0.3
     """Share of the slide, roughly, left bare by the tissue outline; 0 covers it all."""
+    period: int | None = None
+    """Repeat a ``period``-px square of texture: rendering becomes a cheap lookup, for slides
+    of thousands of tiles (keep it far above the registration search range)."""
 
     def render(self, x0: float, y0: float, width: int, height: int) -> RgbImage:
         """Pixels [x0, x0+width) x [y0, y0+height) of the slide; sub-pixel x0/y0 are honoured."""
         ix, iy = math.floor(x0) - 1, math.floor(y0) - 1
-        region = self._render_integer(ix, iy, width + 4, height + 4)
+        if self.period is None:
+            region = self._render_integer(ix, iy, width + 4, height + 4)
+        else:
+            rows = np.arange(iy, iy + height + 4) % self.period
+            cols = np.arange(ix, ix + width + 4) % self.period
+            region = _texture(self)[rows[:, None], cols[None, :]]
         shift = np.array([[1.0, 0.0, x0 - ix], [0.0, 1.0, y0 - iy]], dtype=np.float64)
         out = cv2.warpAffine(
             region, shift, (width, height), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
@@ -77,6 +86,12 @@ class SyntheticSlide:
             gy1 = int(np.clip(math.ceil(rect.y1) - y0, 0, height))
             rgb[gy0:gy1, gx0:gx1] = 250.0
         return np.asarray(np.clip(rgb + 0.5, 0, 255), dtype=np.uint8)
+
+
+@cache
+def _texture(slide: SyntheticSlide) -> RgbImage:
+    assert slide.period is not None
+    return slide._render_integer(0, 0, slide.period, slide.period)
 
 
 def _value_noise(
