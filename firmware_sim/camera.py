@@ -197,8 +197,10 @@ class MotionLimits:
         return ramp / self.max_rate_um_s + (distance - ramp) / self.max_rate_um_s + self.settle_s
 
 
-DEFAULT_XY_LIMITS = MotionLimits(max_rate_um_s=10_000, accel_um_s2=200_000, settle_s=0.02)
-DEFAULT_Z_LIMITS = MotionLimits(max_rate_um_s=1_000, accel_um_s2=50_000, settle_s=0.005)
+# The simulated rig's GRBL settings ($110-$112 mm/min, $120-$122 mm/s²) with a 10 ms settle
+# (command round trip and the idle poll).
+DEFAULT_XY_LIMITS = MotionLimits(max_rate_um_s=10_000, accel_um_s2=50_000, settle_s=0.01)
+DEFAULT_Z_LIMITS = MotionLimits(max_rate_um_s=2_000, accel_um_s2=20_000, settle_s=0.01)
 
 
 class BacklashStage:

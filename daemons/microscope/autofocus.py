@@ -87,14 +87,14 @@ class AutofocusSettings:
     range_um: float = 40.0
     coarse_step_um: float = 6.0
     fine_step_um: float = 2.0
-    approach_um: float = 10.0
+    approach_um: float = 15.0
     """How far below a target every downward move goes before coming up to it: more than the
     focus drive's backlash (a mechanical figure, so ``for_objective`` leaves it alone)."""
     metric: str = "laplacian"
     min_peak_ratio: float = 1.3
     """Best sharpness over the worst seen: below it the curve is flat (no focus)."""
-    drop_ratio: float = 0.75
-    """The sweep stops after two samples below ``drop_ratio`` times the best."""
+    drop_ratio: float = 0.5
+    """A sweep stops at the first sample below ``drop_ratio`` times a clear peak behind it."""
     min_tissue_fraction: float = 0.02
     max_windows: int = 4
 
@@ -157,10 +157,12 @@ class _Search:
         for index in range(count):
             z = start_um + index * step_um
             samples.append((z, await self.measure(z)))
-            best = max(s for _, s in samples)
-            if len(samples) >= 3 and all(
-                    s < self.settings.drop_ratio * best for _, s in samples[-2:]):
-                break
+            values = [s for _, s in samples]
+            best = max(values)
+            if (values[-1] < self.settings.drop_ratio * best
+                    and best >= self.settings.min_peak_ratio * min(values[: values.index(best)],
+                                                                   default=best + 1)):
+                break  # a clear peak: lower on both sides
         return samples
 
     def is_flat(self) -> bool:
@@ -215,7 +217,7 @@ async def autofocus(axis: FocusAxis, centre_z_um: float,
     step = settings.fine_step_um
     fine: list[tuple[float, float]] = []
     for _ in range(FINE_SWEEPS):
-        fine = await search.sweep(estimate - 2 * step, estimate + 2 * step, step)
+        fine = await search.sweep(estimate - step, estimate + step, step)
         best = int(np.argmax([s for _, s in fine]))
         if 0 < best < len(fine) - 1:
             break
