@@ -1,9 +1,10 @@
 """bench/ultrasound: sustained recording rate and live-view capture-to-delivery latency.
 
-* **recording**: the phantom simulator streams 800x600 frames at 30 fps (paced like a UVC
-  grabber) into the ultrasound service with a recording running and the pose track fed at
-  100 Hz; reports frames captured, dropped (gaps in capture time), achieved fps and the time
-  to write the DICOM cine at the end;
+* **recording**: a grabber stand-in delivers 800x600 phantom frames (pre-rendered, so the
+  renderer's own cost does not count against the pipeline) at 30 fps on absolute deadlines,
+  like a UVC stream, into the ultrasound service with a recording running and the pose track
+  fed at 100 Hz; reports frames captured, dropped (gaps in capture time or encoder backlog
+  full), achieved fps and the time to write the DICOM cine at the end;
 * **throughput**: pre-rendered 800x600 frames pushed as fast as the service takes them
   (stamp + JPEG + record): the headroom above the grabber's rate;
 * **live view**: with mosquitto on loopback, the time from a frame's capture to its arrival
@@ -54,10 +55,34 @@ async def _feed_track(track: PoseTrack, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.01)
 
 
+def _phantom_frames(count: int) -> list[np.ndarray]:
+    return [render_bmode(Phantom(), ImageGeometry(WIDTH, HEIGHT), (0.001 * i, 0.0, SKIN),
+                         (0.0, 0.0, -1.0), 4.5) for i in range(count)]
+
+
+class PacedReplay:
+    """A grabber stand-in: the given frames in turn, one per frame period."""
+
+    def __init__(self, frames: list[np.ndarray], frame_rate_hz: float) -> None:
+        self.frames = frames
+        self.frame_rate_hz = frame_rate_hz
+        self._next_at = 0.0
+        self._index = 0
+
+    async def open(self) -> None:
+        self._next_at = time.monotonic()
+
+    async def close(self) -> None: ...
+
+    async def capture(self) -> np.ndarray:
+        self._next_at += 1.0 / self.frame_rate_hz
+        await asyncio.sleep(max(0.0, self._next_at - time.monotonic()))
+        self._index += 1
+        return self.frames[self._index % len(self.frames)]
+
+
 async def recording(seconds: float, out: Path) -> dict[str, float]:
-    start = time.monotonic()
-    source = SimulatedUltrasound(lambda: _probe_at(start), frame_rate_hz=FPS,
-                                 geometry=ImageGeometry(WIDTH, HEIGHT))
+    source = PacedReplay(_phantom_frames(30), FPS)
     track, stop = PoseTrack(), asyncio.Event()
     service = UltrasoundService(UltrasoundSection(live_rate_hz=0.0), source, track,
                                 output_dir=out)
@@ -88,8 +113,7 @@ async def recording(seconds: float, out: Path) -> dict[str, float]:
 
 
 async def throughput(frames: int, out: Path) -> float:
-    images = [render_bmode(Phantom(), ImageGeometry(WIDTH, HEIGHT), (0.001 * i, 0.0, SKIN),
-                           (0.0, 0.0, -1.0), 4.5) for i in range(8)]
+    images = _phantom_frames(8)
     track = PoseTrack(max_hold_s=3600.0)
     track.add(PoseSample(0.0, ProbePose(0.0, 0.0, SKIN, 0.0, 0.0), 4.5))
 

@@ -224,15 +224,36 @@ class UltrasoundService:
     # --- capture ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Capture until cancelled; a frame source error is logged and retried after 1 s."""
+        """Capture until cancelled; a frame source error is logged and retried after 1 s.
+
+        Reading and encoding are pipelined: the read of the next frame never waits for the
+        encoding of the last one (a grabber that is not read in time drops frames). Up to a
+        second of frames may wait for the encoder; beyond that they are counted as dropped.
+        """
+        backlog: asyncio.Queue[tuple[GrayFrame, float]] = asyncio.Queue(
+            max(1, round(self.source.frame_rate_hz)))
+        consumer = asyncio.create_task(self._consume(backlog), name="ultrasound-encode")
+        try:
+            while True:
+                try:
+                    image = await self.source.capture()
+                except (OSError, ValueError) as exc:
+                    log.error("ultrasound capture failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    backlog.put_nowait((image, self.clock() - self.section.capture_latency_s))
+                except asyncio.QueueFull:
+                    self.dropped += 1
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+
+    async def _consume(self, backlog: asyncio.Queue[tuple[GrayFrame, float]]) -> None:
         while True:
-            try:
-                image = await self.source.capture()
-            except (OSError, ValueError) as exc:
-                log.error("ultrasound capture failed", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            await self.accept(image, self.clock() - self.section.capture_latency_s)
+            image, captured_at = await backlog.get()
+            await self.accept(image, captured_at)
 
     async def accept(self, image: GrayFrame, captured_at: float) -> StampedFrame:
         """Stamp, encode, record and maybe publish one frame."""
