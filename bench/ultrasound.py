@@ -27,6 +27,7 @@ import numpy as np
 
 from daemons.manipulator.kinematics import ProbePose
 from daemons.manipulator.ultrasound import (
+    FrameSource,
     PoseSample,
     PoseTrack,
     UltrasoundSection,
@@ -81,6 +82,16 @@ class PacedReplay:
         return self.frames[self._index % len(self.frames)]
 
 
+async def _shut_down(stop: asyncio.Event, tasks: list[asyncio.Task[None]],
+                     service: UltrasoundService, source: FrameSource) -> None:
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await service.close()
+    await source.close()
+
+
 async def recording(seconds: float, out: Path) -> dict[str, float]:
     source = PacedReplay(_phantom_frames(30), FPS)
     track, stop = PoseTrack(), asyncio.Event()
@@ -103,11 +114,7 @@ async def recording(seconds: float, out: Path) -> dict[str, float]:
         path = await service.stop_recording()
         write_s = time.monotonic() - written_at
     finally:
-        stop.set()
-        capture.cancel()
-        await asyncio.gather(capture, feeder, return_exceptions=True)
-        await service.close()
-        await source.close()
+        await _shut_down(stop, [capture, feeder], service, source)
     return {"frames": frames, "fps": frames / elapsed, "dropped": service.dropped,
             "write_s": write_s, "mb": path.stat().st_size / 1e6}
 
@@ -175,11 +182,7 @@ async def _live_view(port: int, seconds: float, out: Path) -> list[float]:
         except TimeoutError:
             pass
         finally:
-            stop.set()
-            capture.cancel()
-            await asyncio.gather(capture, feeder, return_exceptions=True)
-            await service.close()
-            await source.close()
+            await _shut_down(stop, [capture, feeder], service, source)
     return latencies
 
 
