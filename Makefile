@@ -44,3 +44,17 @@ sbom: setup
 audit: setup
 	$(PY) -m pip install -q "pip-audit>=2.7"
 	$(PY) scripts/audit.py $(PY)
+
+# Reliability campaign (docs/reliability.md); opt-in, none of these are part of `make test`.
+.PHONY: fuzz chaos soak
+FUZZ_SECONDS ?= 60
+
+fuzz: setup
+	$(PY) -m pip install -q atheris
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+chaos: setup
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
