@@ -57,7 +57,8 @@ async def run(points: int, objective_name: str, resolution: tuple[int, int], sta
     optics = SimOptics(um_per_px=objective.um_per_px,
                        numerical_aperture=objective.numerical_aperture)
     camera = VirtualSlideCamera(slide, stage.true_position_um, optics,
-                                CameraSettings(resolution=resolution, exposure_ms=10.0))
+                                CameraSettings(resolution=resolution, exposure_ms=10.0,
+                                               frame_timeout_s=60.0))
     rig = SimulatedRig(stage, camera)
     settings = AutofocusSettings.for_objective(
         objective, range_um=range_dof * objective.depth_of_field_um)
