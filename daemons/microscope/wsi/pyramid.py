@@ -19,6 +19,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,18 +85,21 @@ class TileCache:
         self._bytes = 0
         self.loads = 0
 
-    def get(self, index: int) -> RgbImage:
-        if index in self._held:
+    def get_many(self, indices: list[int], pool: ThreadPoolExecutor) -> dict[int, RgbImage]:
+        """The tiles asked for (missing ones loaded in parallel); evicts least recently used."""
+        missing = [index for index in indices if index not in self._held]
+        for index, image in zip(missing, pool.map(self._load, missing), strict=True):
+            self._held[index] = image
+            self._bytes += image.nbytes
+            self.loads += 1
+        found = {}
+        for index in indices:
             self._held.move_to_end(index)
-            return self._held[index]
-        image = self._load(index)
-        self.loads += 1
-        self._held[index] = image
-        self._bytes += image.nbytes
+            found[index] = self._held[index]
         while self._bytes > self._capacity and len(self._held) > 1:
             _, dropped = self._held.popitem(last=False)
             self._bytes -= dropped.nbytes
-        return image
+        return found
 
 
 def _shift_subpixel(image: RgbImage, fx: float, fy: float) -> RgbImage:
@@ -125,6 +129,7 @@ def compose_base_level(
     tile_size: int,
     pixel_spacing_um: float,
     cache_bytes: int,
+    workers: int = 2,
 ) -> tuple[DiskLevel, int]:
     """Blend the camera tiles at ``positions`` (top-left, pixels) into ``path``.
 
@@ -152,44 +157,57 @@ def compose_base_level(
     camera_tile_bytes = tile_width * tile_height * 3
     held_tiles = max(1, cache_bytes // camera_tile_bytes)
     strip = max(1, (held_tiles // 2 - 2) * tile_width // tile_size)
-    white = np.full((tile_size, tile_size, 3), WHITE, dtype=np.uint8)
-    with path.open("wb") as stream:
+    with path.open("wb") as stream, ThreadPoolExecutor(workers, "wsi-compose") as pool:
         stream.truncate(level.columns * level.rows * level.tile_bytes)
         fd = stream.fileno()
         for first_col in range(0, level.columns, strip):
+            cols = range(first_col, min(first_col + strip, level.columns))
             for row in range(level.rows):
-                for col in range(first_col, min(first_col + strip, level.columns)):
-                    sources = covering.get((col, row), [])
-                    out = white
-                    if sources:
-                        out = _blend(col, row, tile_size, sources, whole, cache, ramp_x, ramp_y)
+                needed = sorted({i for col in cols for i in covering.get((col, row), [])})
+                images = cache.get_many(needed, pool)
+
+                def blend(col: int, row: int = row, images: dict[int, RgbImage] = images
+                          ) -> RgbImage:
+                    sources = {i: images[i] for i in covering.get((col, row), [])}
+                    return _blend(col, row, tile_size, sources, whole, ramp_x, ramp_y)
+
+                for col, out in zip(cols, pool.map(blend, cols), strict=True):
                     os.pwrite(fd, out.tobytes(), (row * level.columns + col) * level.tile_bytes)
     return level, cache.loads
 
 
 def _blend(
-    col: int, row: int, tile_size: int, sources: list[int], whole: npt.NDArray[np.int64],
-    cache: TileCache, ramp_x: npt.NDArray[np.float32], ramp_y: npt.NDArray[np.float32],
+    col: int, row: int, tile_size: int, sources: dict[int, RgbImage],
+    whole: npt.NDArray[np.int64], ramp_x: npt.NDArray[np.float32],
+    ramp_y: npt.NDArray[np.float32],
 ) -> RgbImage:
     """One output tile: feather-weighted mean of the covering camera tiles, white elsewhere."""
     x0, y0 = col * tile_size, row * tile_size
-    total = np.zeros((tile_size, tile_size, 3), dtype=np.float32)
-    weights = np.zeros((tile_size, tile_size), dtype=np.float32)
-    for index in sources:
+    out = np.full((tile_size, tile_size, 3), WHITE, dtype=np.uint8)
+    parts = []
+    for index, image in sources.items():
         tx, ty = int(whole[index, 0]), int(whole[index, 1])
-        image = cache.get(index)
         h, w = image.shape[:2]
         ox0, oy0 = max(x0, tx), max(y0, ty)
         ox1, oy1 = min(x0 + tile_size, tx + w), min(y0 + tile_size, ty + h)
-        if ox1 <= ox0 or oy1 <= oy0:
-            continue
-        weight = np.outer(ramp_y[oy0 - ty : oy1 - ty], ramp_x[ox0 - tx : ox1 - tx])
+        if ox1 > ox0 and oy1 > oy0:
+            parts.append((image, tx, ty, ox0, oy0, ox1, oy1))
+    if len(parts) == 1:  # one camera tile: weights cancel, copy the pixels
+        image, tx, ty, ox0, oy0, ox1, oy1 = parts[0]
+        out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = image[oy0 - ty : oy1 - ty,
+                                                              ox0 - tx : ox1 - tx]
+        return out
+    total = np.zeros((tile_size, tile_size, 3), dtype=np.float32)
+    weights = np.zeros((tile_size, tile_size, 1), dtype=np.float32)
+    for image, tx, ty, ox0, oy0, ox1, oy1 in parts:
+        weight = np.outer(ramp_y[oy0 - ty : oy1 - ty], ramp_x[ox0 - tx : ox1 - tx])[..., None]
         patch = image[oy0 - ty : oy1 - ty, ox0 - tx : ox1 - tx]
-        total[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] += patch * weight[..., None]
+        total[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] += patch * weight
         weights[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] += weight
-    covered = weights > 0
-    out = np.full((tile_size, tile_size, 3), WHITE, dtype=np.uint8)
-    out[covered] = np.clip(total[covered] / weights[covered][:, None] + 0.5, 0, 255)
+    covered = np.broadcast_to(weights > 0, total.shape)
+    np.divide(total, weights, out=total, where=covered)
+    total += 0.5
+    np.copyto(out, total.astype(np.uint8), where=covered)
     return out
 
 
