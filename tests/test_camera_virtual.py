@@ -98,3 +98,33 @@ def test_motion_time_model() -> None:
     assert limits.move_time_s(0) == 0
     assert abs(limits.move_time_s(10) - 2 * (10 / 10_000) ** 0.5) < 1e-12  # triangular
     assert abs(limits.move_time_s(1100) - (0.1 + 1.0)) < 1e-12  # ramps plus cruise
+
+
+async def test_camera_follows_the_grbl_simulators_mechanical_position() -> None:
+    """Integration with the GRBL simulator: backlash in its mechanics shows in the frames."""
+    grbl = pytest.importorskip("firmware_sim.grbl_machine")
+    now = [0.0]
+    machine = grbl.GrblMachine(clock=lambda: now[0])
+    assert machine.execute_line("$X")[-1] == "ok"
+    for line in ("G0X-3Y-3", "G0X-1Y-1", "G0X-2Y-2"):  # the last move approaches from above
+        assert machine.execute_line(line) == ["ok"]
+        while machine.is_moving or machine.queue:
+            now[0] += 0.05
+            machine.advance()
+    x_um, y_um, _ = machine.true_position_um()
+    assert (x_um, y_um) != (-2000.0, -2000.0)  # the simulator's backlash left it short
+    source = np.random.default_rng(9).integers(0, 255, (400, 400, 3), np.uint8)
+    slide = ImageSlide(source, 0.5)
+    offset = 2100.0  # machine frame (negative space once homed) to slide coordinates
+
+    def on_slide() -> tuple[float, float, float]:
+        x, y, z = machine.true_position_um()
+        return x + offset, y + offset, z
+
+    camera = VirtualSlideCamera(slide, on_slide, CLEAN, SETTINGS)
+    async with camera:
+        frame = await camera.capture()
+    left, top = camera.field_origin_um(x_um + offset, y_um + offset)
+    assert np.array_equal(frame, slide.render(left, top, 160, 120, 0.5))
+    commanded_left, commanded_top = camera.field_origin_um(100.0, 100.0)
+    assert not np.array_equal(frame, slide.render(commanded_left, commanded_top, 160, 120, 0.5))
