@@ -361,7 +361,11 @@ class Microscope:
 
     async def _ensure_homed(self) -> None:
         stage = self.rig.stage
-        await stage.wait_connected(timeout=30)
+        try:
+            await stage.wait_connected(timeout=30)
+        except TimeoutError:
+            raise StageDisconnected(f"{stage.url}: the stage controller has not answered for "
+                                    "30 s (USB cable, power)") from None
         if stage.position_lost:
             log.info("homing before the scan (position unknown)")
             await stage.home()
@@ -562,8 +566,17 @@ class Microscope:
         except StageError as exc:
             reply = {"ok": False, "error": f"stage: {exc}; run `medge stage home`",
                      "kind": "stage"}
-        except (CameraError, StateCorrupt, scan.ScanError, OSError) as exc:
+        except (CameraError, StateCorrupt, scan.ScanError) as exc:
             reply = {"ok": False, "error": str(exc), "kind": "failed"}
+        except TimeoutError:  # waiting for the stage link (camera timeouts are CameraErrors)
+            reply = {"ok": False, "error": "the stage controller is not connected; check its "
+                     "USB cable and power, then `medge stage home`", "kind": "stage"}
+        except OSError as exc:
+            reply = {"ok": False, "error": str(exc), "kind": "failed"}
+        except Exception as exc:  # answer anyway: the technician must not wait for nothing
+            log.exception("request failed unexpectedly")
+            reply = {"ok": False, "error": f"internal error: {exc!r}; see the daemon log",
+                     "kind": "failed"}
         if topic is None:
             log.warning("request without a response topic; not answered")
             return
