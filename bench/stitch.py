@@ -117,6 +117,28 @@ def run_ashlar(scan: Path, work: Path) -> dict[str, Any]:
     return {**errors_against_truth(found, truth), "tiles_per_s": len(found) / elapsed}
 
 
+def sub_slide(scan: Path, rows: int, cols: int, dest: Path) -> Path:
+    """The top-left rows x cols tiles of a written slide (images linked, not copied)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    truth = json.loads((scan / TRUTH_FILE).read_text())
+    lines = (scan / "positions.csv").read_text().splitlines()
+    kept = [lines[0]]
+    for line in lines[1:]:
+        name, row, col = line.split(",")[:3]
+        if int(row) < rows and int(col) < cols:
+            kept.append(line)
+            (dest / name).symlink_to(scan / name)
+    names = {line.split(",")[0] for line in kept[1:]}
+    (dest / "positions.csv").write_text("\n".join(kept) + "\n")
+    shutil.copy(scan / "scan.json", dest / "scan.json")
+    (dest / TRUTH_FILE).write_text(json.dumps({
+        **truth, "rows": rows, "cols": cols,
+        "true_px": {k: v for k, v in truth["true_px"].items() if k in names},
+        "stage_px": {k: v for k, v in truth["stage_px"].items() if k in names},
+    }))
+    return dest
+
+
 RUNNERS = {"medge": run_medge, "opencv": run_opencv, "ashlar": run_ashlar}
 
 
@@ -189,6 +211,8 @@ def main() -> None:
     parser.add_argument("--methods", default="medge,opencv,ashlar")
     parser.add_argument("--timeout", type=int, default=900, help="per method, seconds")
     parser.add_argument("--keep", type=Path, help="write the slide here and keep it")
+    parser.add_argument("--scaling", action="store_true",
+                        help="medge on growing sub-grids of the slide: does peak RSS grow?")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--scan", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -214,6 +238,15 @@ def main() -> None:
             # The large slide repeats a 4096 px texture: rendering 3,600 tiles stays cheap.
             make_slide(scan, spec, workers=2, period=4096 if args.large else None)
             print(f"slide written in {time.perf_counter() - started:.0f} s", flush=True)
+        if args.scaling:
+            for size in sorted({max(2, rows // 4), max(2, rows // 2), rows}):
+                part = sub_slide(scan, size, size * cols // rows, base / f"sub{size}")
+                r = measure("medge", part, args.timeout)
+                print(f"| {size} x {size * cols // rows} | {r.get('size')} | "
+                      f"{r['peak_rss_mib']:.0f} MiB | {r.get('pipeline_tiles_per_s', 0):.1f} |",
+                      flush=True)
+                shutil.rmtree(part)
+            return
         results = {}
         for method in methods:
             results[method] = measure(method, scan, args.timeout)
