@@ -91,6 +91,7 @@ class Runtime:
                      "connections": self.link.connections, "last_error": self.link.last_error},
             "outbox": self.outbox.health().as_dict(),
             "published": self.publisher.sent,
+            "tasks": len(asyncio.all_tasks()),  # flat over a soak run, or a task leaks
         }
 
     async def _health_loop(self) -> None:
