@@ -185,3 +185,11 @@ async def test_focus_map_within_depth_of_field_at_95_percent_of_tissue_points() 
     errors = result.surface.predict(xs, ys) - np.array([SURFACE.z_at(*p) for p in tissue_points])
     assert np.mean(np.abs(errors) <= tolerance) >= 0.95, np.abs(errors).max()
     assert result.surface.rms_residual_um < tolerance / 2
+
+
+async def test_focus_map_on_bare_glass_fails_cleanly() -> None:
+    rig = make_rig(OBJECTIVES["20x"], x=30_000, y=3_000)
+    async with rig.camera:
+        with pytest.raises(FocusFailed, match="no tissue point focused among 2") as failure:
+            await build_focus_map(rig, [(30_000, 3_000), (70_000, 20_000)], start_z_um=0.0)
+    assert failure.value.reason == "blank"
