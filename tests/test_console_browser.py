@@ -193,3 +193,17 @@ async def test_hiding_the_tab_stops_the_robot_and_says_why(
         await banner(page, "not-armed")  # the silence outlasted 1 s: the lease lapsed
         await page.keyboard.up("Space")
         await page.keyboard.up("KeyD")
+
+
+async def test_losing_the_console_server_stops_the_robot_and_says_why(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
+            console(browser, r, "alice", tmp_path) as (page, server):
+        await arm_and_move_right(page, r)
+        await server.__aexit__(None, None, None)  # the local server dies mid-motion
+        lost_at = r.sim.clock()
+        await banner(page, "link-lost")
+        await assert_stops_and_stays_stopped(r, lost_at)
+        await page.keyboard.up("Space")
+        await page.keyboard.up("KeyD")

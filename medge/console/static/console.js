@@ -314,7 +314,16 @@ function drawViews(robot) {
     g.strokeRect(view.left + 8, 8, half - 16, canvas.height - 16);
     g.fillStyle = "#5b6475";
     g.font = "12px system-ui";
-    g.fillText(view.title, view.left + 16, 24);
+    g.fillText(`${view.title} · grid 5 cm`, view.left + 16, 24);
+    g.strokeStyle = "#eef1f6";
+    for (let c = Math.ceil(u0 / 0.05) * 0.05; c <= u1; c += 0.05) {
+      const x = px([c, 0, 0]);  // both views have x across
+      g.beginPath(); g.moveTo(x, 12); g.lineTo(x, canvas.height - 12); g.stroke();
+    }
+    for (let c = Math.ceil(v0 / 0.05) * 0.05; c <= v1; c += 0.05) {
+      const p = [0, 0, 0]; p[view.v] = c;
+      g.beginPath(); g.moveTo(view.left + 12, py(p)); g.lineTo(view.left + half - 12, py(p)); g.stroke();
+    }
     g.fillStyle = "#e0a96d";
     for (const p of points) g.fillRect(px(p) - 1, py(p) - 1, 2, 2);
     g.fillStyle = "#9aa3b5";
