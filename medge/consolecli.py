@@ -130,10 +130,10 @@ async def _spacemouse(choice: str) -> AsyncIterator[SpaceMouseReader | None]:
 async def _serve(args: argparse.Namespace) -> int:
     operator, broker = identity(args)
     site, sep, node = args.robot.partition("/")
+    if not sep:
+        raise UsageError(f"--robot {args.robot!r}: expected SITE/NODE")
     try:
         topics = RobotTopics(site, node, args.device)
-        if not sep:
-            raise ValueError("expected SITE/NODE")
         store = SettingsStore(operator)
     except ValueError as exc:
         raise UsageError(f"--robot/--device/operator: {exc}") from None

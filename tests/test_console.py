@@ -18,6 +18,7 @@ import pytest
 
 from daemons.manipulator.kinematics import Twist, probe_axis
 from daemons.manipulator.teleop_protocol import decode_setpoint
+from medge.cli import build_parser, main
 from medge.console.server import ConsoleInfo, ConsoleServer
 from medge.console.settings import InputSettings, SettingsError, SettingsStore, probe_to_base
 from medge.console.spacemouse import (
@@ -27,8 +28,11 @@ from medge.console.spacemouse import (
     apply_report,
     find_devices,
 )
-from medge.localbroker import Mosquitto
+from medge.consolecli import identity
+from medge.exitcodes import EXIT_UNAVAILABLE, EXIT_USAGE
+from medge.localbroker import Mosquitto, free_port
 from medge.teleop import Broker, RobotTopics, TeleopClient
+from tests.fixtures.broker import make_ca
 
 # Reports as a SpaceNavigator (split) and a SpaceMouse Enterprise (combined) send them
 # (protocols.md §12): int16 LE counts, full scale 350; y, z, pitch, roll inverted.
@@ -302,3 +306,35 @@ async def test_settings_round_trip_through_the_api_and_the_file(
         assert status == 200 and reply["settings"] == wanted
         assert json.loads((tmp_path / "alice.json").read_text()) == wanted
         assert (await http(console, "GET", "/api/settings"))[1]["settings"] == wanted
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def test_cli_needs_an_operator_identity_and_names_bad_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["console", "--broker", "127.0.0.1:1", "--no-browser", "--spacemouse", "off"]
+    assert main([*base, "--robot", "site/node"]) == EXIT_USAGE
+    assert "--user" in capsys.readouterr().err
+    assert main([*base, "--robot", "site", "--user", "alice"]) == EXIT_USAGE
+    assert "SITE/NODE" in capsys.readouterr().err
+    assert main([*base, "--robot", "site/node", "--user", "alice", "--password-file",
+                 str(tmp_path / "missing.pw")]) == EXIT_USAGE
+    assert "missing.pw" in capsys.readouterr().err
+    assert main([*base, "--robot", "site/node", "--cert", str(tmp_path / "a.crt")]) == EXIT_USAGE
+    assert "--key" in capsys.readouterr().err
+
+
+def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens there
+    status = main(["console", "--broker", f"127.0.0.1:{port}", "--robot", "site/node",
+                   "--user", "alice", "--no-browser", "--spacemouse", "off"])
+    assert status == EXIT_UNAVAILABLE and "medge console:" in capsys.readouterr().err
+
+
+def test_the_certificate_common_name_is_the_operator(tmp_path: Path) -> None:
+    ca_file, server_cert = make_ca(tmp_path)
+    args = build_parser().parse_args([
+        "console", "--broker", "127.0.0.1:8883", "--robot", "site/node", "--cert",
+        str(server_cert), "--key", str(tmp_path / "server.key"), "--cafile", str(ca_file)])
+    operator, broker = identity(args)
+    assert operator == "localhost" and broker.tls is not None and broker.username is None
