@@ -81,10 +81,10 @@ def parse_spec(payload: Any, objectives: set[str], destinations: set[str]) -> Jo
             raise JobError(name, "required: 1-64 letters, digits, '.', '_' or '-'")
         texts[name] = value
     stain = payload.get("stain", "HE")
-    if stain not in STAINS:
+    if not isinstance(stain, str) or stain not in STAINS:  # a list or object is unhashable
         raise JobError("stain", f"{stain!r} is not one of {', '.join(sorted(STAINS))}")
     objective = payload.get("objective")
-    if objective not in objectives:
+    if not isinstance(objective, str) or objective not in objectives:
         raise JobError("objective",
                        f"{objective!r} is not calibrated (known: {', '.join(sorted(objectives))})")
     quality = payload.get("jpeg_quality", 90)

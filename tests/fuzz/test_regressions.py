@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from daemons.microscope.jobs import JobError, parse_spec
 from drivers import cms50
 from firmware_sim import cms50 as cms50_sim
 
@@ -20,3 +23,16 @@ def test_cms50_framers_skip_a_megabyte_of_garbage_in_one_pass() -> None:
         assert packets[-1] == cms50_sim.encode_legacy(VITALS)
         assert frames[-1] == cms50_sim.encode_v46_live(VITALS)
         assert legacy.discarded >= len(garbage) - 5 and v46.discarded >= len(garbage) - 9
+
+
+@pytest.mark.parametrize("field", ["stain", "objective"])
+@pytest.mark.parametrize("value", [{"barcode": " 0"}, ["HE"], None, 20])
+def test_microscope_job_names_a_stain_or_objective_of_the_wrong_type(field: str,
+                                                                     value: object) -> None:
+    """Found by atheris (make fuzz): ``"stain": {…}`` raised TypeError (unhashable) instead of
+    the JobError naming the field; the daemon answered "malformed request: unhashable type"."""
+    job = {"barcode": "B1", "accession": "A1", "patient": "P1", "objective": "20x",
+           field: value}
+    with pytest.raises(JobError) as raised:
+        parse_spec(job, {"20x"}, set())
+    assert raised.value.field == field
