@@ -305,6 +305,17 @@ async def test_device_cannot_send_a_teleop_command_but_the_operator_can(
     assert not received(robot, "from-a-device")
 
 
+async def test_robot_live_ultrasound_reaches_the_operator_and_only_from_the_robot(
+    hospital: HospitalBroker
+) -> None:
+    live = topic("robot-01", "probe-arm", "state") + "/us"
+    async with subscriber(hospital, "dr-alice", live) as operator:
+        await publish(hospital, "gw-0001", live, {"marker": "forged-frame"})
+        await publish(hospital, "robot-01", live, {"marker": "live-frame"})
+        await operator.wait_for(lambda: received(operator, "live-frame"))
+    assert not received(operator, "forged-frame")
+
+
 async def test_operator_cannot_send_commands_in_another_operators_name(
     hospital: HospitalBroker
 ) -> None:
