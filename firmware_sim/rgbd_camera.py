@@ -15,6 +15,7 @@ disagree), ``pixel_noise`` adds sensor noise.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -179,28 +180,36 @@ class VirtualRgbdCamera:
         return np.ascontiguousarray(np.repeat(small[:, :, None], 3, axis=2))
 
     def _render_depth(self, cam_rotation: Array, cam_position: Array) -> npt.NDArray[np.float32]:
-        """Ray-cast the patient (sphere cap) and the table; depth = camera z of the hit."""
-        cam = self.camera
-        fx, fy, cx, cy = cam.intrinsics
-        u, v = np.meshgrid(np.arange(cam.width), np.arange(cam.height))
-        rays = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones_like(u, dtype=float)], axis=-1)
-        directions = rays @ cam_rotation.T  # base frame, camera-z component 1
+        """Ray-cast the patient (sphere cap) and the table; depth = camera z of the hit.
+
+        Worked in the camera frame over cached per-pixel rays (z = 1, so the ray parameter is
+        the depth): a handful of vector operations per frame.
+        """
+        rays, ray_norm2 = self._rays
         surface = self.surface
-        centre = np.array([0.0, 0.0, surface.top_z_m - surface.radius_m])
-        offset = cam_position - centre
-        a = np.sum(directions * directions, axis=-1)
-        b = 2 * directions @ offset
-        c = float(offset @ offset) - surface.radius_m ** 2
-        disc = b * b - 4 * a * c
+        centre = cam_rotation.T @ (np.array([0.0, 0.0, surface.top_z_m - surface.radius_m])
+                                   - cam_position)
+        along = rays @ centre.astype(np.float32)  # d · c
+        disc = along * along - ray_norm2 * (float(centre @ centre) - surface.radius_m ** 2)
         with np.errstate(invalid="ignore"):
-            t_sphere = (-b - np.sqrt(disc)) / (2 * a)
-        hit_z = cam_position[2] + t_sphere * directions[..., 2]
+            t_sphere = (along - np.sqrt(disc)) / ray_norm2
+        up = rays @ cam_rotation[2].astype(np.float32)  # base-frame z component of each ray
+        hit_z = cam_position[2] + t_sphere * up
         sphere_ok = (disc >= 0) & (t_sphere > 0) & (hit_z >= TABLE_Z_M)
         with np.errstate(divide="ignore", invalid="ignore"):
-            t_table = (TABLE_Z_M - cam_position[2]) / directions[..., 2]
-        table_x = cam_position[0] + t_table * directions[..., 0]
-        table_y = cam_position[1] + t_table * directions[..., 1]
-        table_ok = ((t_table > 0) & (np.abs(table_x) <= TABLE_HALF_WIDTH_M)
-                    & (np.abs(table_y) <= TABLE_HALF_WIDTH_M))
+            t_table = (TABLE_Z_M - cam_position[2]) / up
+        sideways = rays @ cam_rotation[:2].T.astype(np.float32)
+        table_xy = cam_position[:2] + t_table[..., None] * sideways
+        table_ok = (t_table > 0) & np.all(np.abs(table_xy) <= TABLE_HALF_WIDTH_M, axis=-1)
         depth = np.where(sphere_ok, t_sphere, np.where(table_ok, t_table, 0.0))
         return depth.astype(np.float32)
+
+    @functools.cached_property
+    def _rays(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Per-pixel camera-frame ray directions (z = 1) and their squared lengths."""
+        cam = self.camera
+        fx, fy, cx, cy = cam.intrinsics
+        u, v = np.meshgrid(np.arange(cam.width, dtype=np.float32),
+                           np.arange(cam.height, dtype=np.float32))
+        rays = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones_like(u)], axis=-1)
+        return rays, np.sum(rays * rays, axis=-1)

@@ -144,6 +144,13 @@ class TeleopClient:
 
     async def request(self, command: Command, args: dict[str, Any] | None = None,
                       timeout: float = 5.0) -> Reply:
+        try:
+            return await self.request_raw(encode_request(self.operator, command, args), timeout)
+        except RequestTimeout:
+            raise RequestTimeout(f"no reply to {command.value} within {timeout} s") from None
+
+    async def request_raw(self, payload: bytes, timeout: float = 5.0) -> Reply:
+        """Send any payload as a request (tests send malformed ones) and await the reply."""
         correlation = str(next(self._correlation)).encode()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
@@ -152,13 +159,12 @@ class TeleopClient:
         properties.CorrelationData = correlation
         properties.MessageExpiryInterval = max(1, round(timeout))
         try:
-            await self.client.publish(self.robot.request(self.operator),
-                                      encode_request(self.operator, command, args), qos=1,
+            await self.client.publish(self.robot.request(self.operator), payload, qos=1,
                                       properties=properties)
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise RequestTimeout(f"no reply to {command.value} within {timeout} s") from None
+            raise RequestTimeout(f"no reply within {timeout} s") from None
         finally:
             self._pending.pop(correlation, None)
 
@@ -220,13 +226,6 @@ class TeleopClient:
         await self.client.publish(self.robot.setpoint(self.operator), encode_setpoint(message),
                                   qos=0, retain=False, properties=properties)
         return number
-
-    async def publish_raw(self, leaf: str, payload: bytes, qos: int = 0,
-                          properties: Properties | None = None) -> None:
-        """Publish arbitrary bytes on this operator's ``cmd/{operator}/{leaf}`` (tests)."""
-        topic = (self.robot.setpoint(self.operator) if leaf == "setpoint"
-                 else self.robot.request(self.operator))
-        await self.client.publish(topic, payload, qos=qos, properties=properties)
 
     def command(self, enable: bool, twist: Twist | None = None,
                 pose: ProbePose | None = None) -> None:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.supervisor import SupervisorConfig
@@ -188,3 +190,72 @@ async def test_fine_mode_scales_twists(broker: Mosquitto, tmp_path: Path) -> Non
         await alice.stop_stream()
         await wait_for(lambda: r.daemon.control.last_output is not None
                        and not r.daemon.control.last_output.status.moving)
+
+
+async def test_malformed_payloads_are_answered_or_counted_never_obeyed(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
+        setpoint_topic = r.topics.setpoint("alice")
+        for payload in (b"garbage", b'{"v":1}', b"x" * 2000,
+                        b'{"v":1,"operator":"bob","seq":1,"sent_at":1,"enable":true}'):
+            await alice.client.publish(setpoint_topic, payload, qos=0)
+        reply = await alice.request_raw(b"{not json")
+        assert (reply.ok, reply.reason, reply.detail["field"]) == (False, "malformed", "payload")
+        reply = await alice.request_raw(b'{"v":1,"operator":"alice","cmd":"jump"}')
+        assert (reply.ok, reply.reason) == (False, "unknown_command")
+        reply = await alice.request_raw(b'{"v":1,"operator":"mallory","cmd":"arm"}')
+        assert (reply.ok, reply.reason) == (False, "operator_mismatch")
+        # a reply topic outside reply/alice: executed never, answered never, counted
+        foreign = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        foreign.ResponseTopic, foreign.CorrelationData = r.topics.state, b"1"
+        await alice.client.publish(r.topics.request("alice"), b'{"v":1,"operator":"alice",'
+                                   b'"cmd":"arm"}', qos=1, properties=foreign)
+        state = await alice.wait_state(lambda s: s["counters"]["rejected"].get(
+            "bad_response_topic", 0) == 1)
+        rejected = state["counters"]["rejected"]
+        assert rejected["malformed"] == 2 and rejected["too_large"] == 1
+        assert rejected["operator_mismatch"] == 3 and rejected["unknown_command"] == 1
+        assert state["state"] == "disarmed" and state["lease"] is None
+        # a request without a response topic is still executed (stopping needs no reply)
+        await alice.client.publish(r.topics.request("alice"), b'{"v":1,"operator":"alice",'
+                                   b'"cmd":"estop"}', qos=1)
+        state = await alice.wait_state(lambda s: s["state"] == "estop")
+        assert state["counters"]["rejected"]["no_response_topic"] == 1
+        assert not r.moved_after(0.0)
+
+
+async def test_frozen_daemon_is_stopped_by_the_servo_bus_watchdog(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
+        await alice.arm()
+        alice.command(True, RIGHT)
+        await alice.start_stream(100)
+        await wait_for(lambda: r.tip()[0] > 0.005)
+        time.sleep(0.4)  # the daemon's event loop freezes mid-motion (blocking on purpose)
+        r.sim.advance()
+        assert len(r.sim.watchdog_trips) == 5
+        last_packet = r.sim.last_packet_at
+        assert last_packet is not None
+        tripped_at = max(t for _, t in r.sim.watchdog_trips)
+        assert tripped_at - last_packet <= r.cfg.manipulator.watchdog_s + 0.021
+        resumed_at = r.sim.clock()
+        await wait_for(lambda: r.sim.clock() > resumed_at + 0.3)
+        assert not r.moved_after(tripped_at)  # stopped by the servos, not by the daemon
+        await alice.stop_stream()
+
+
+async def test_graceful_stop_decelerates_then_switches_torque_off(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
+        await alice.arm()
+        alice.command(True, RIGHT)
+        await alice.start_stream(100)
+        await wait_for(lambda: r.tip()[0] > 0.005)
+        stop_at = r.sim.clock()
+        await r.daemon.stop()  # what SIGTERM leads to
+        rates = [abs(o.pose_rates[0]) for o in [r.daemon.control.last_output] if o]
+        assert rates == [0.0]
+        await wait_for(lambda: not any(s.torque_on for s in r.sim.servos), timeout=2)
+        moves = r.moved_after(stop_at)
+        assert moves and max(moves) - stop_at <= SupervisorConfig().stopping_time() + 0.05
+        await alice.stop_stream()

@@ -62,10 +62,13 @@ from medge.settings import DaemonConfig, check_topic_level
 
 DAEMON = "manipulator"
 REQUEST_QUEUE = 32
-ARRIVAL_TOLERANCE_M = 0.0005
-ARRIVAL_TOLERANCE_RAD = 0.005
-SETTLED_RATE = 1e-4
-"""m/s or rad/s below which an approach counts as arrived."""
+ARRIVAL_TOLERANCE_M = 0.001
+ARRIVAL_TOLERANCE_RAD = 0.01
+SETTLED_RATE = 1e-3
+"""m/s or rad/s below which an approach counts as arrived (the view is taken from the
+measured pose, so arriving near the target is enough)."""
+READ_ONLY_COMMANDS = frozenset({proto.Command.CHECK_REGISTRATION, proto.Command.SURFACE})
+FOLLOWING_TIMEOUT_S = 1.0
 REGISTRATION_COMMANDS = frozenset({proto.Command.REGISTER, proto.Command.CHECK_REGISTRATION,
                                    proto.Command.SURFACE})
 
@@ -169,6 +172,7 @@ class ManipulatorDaemon:
         self._arrived = asyncio.Event()
         self._estop_input_active = False
         self.ultrasound: UltrasoundService | None = None
+        self._stopped = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -230,6 +234,9 @@ class ManipulatorDaemon:
 
     async def stop(self) -> None:
         """Controlled stop (disarm, decelerate to rest), then torque off and close the ports."""
+        if self._stopped:
+            return
+        self._stopped = True
         loop = self.loop
         if loop is not None and loop.last_output is not None:
             operator = loop.supervisor.operator
@@ -378,7 +385,9 @@ class ManipulatorDaemon:
             if self._estop_input_active:
                 return proto.Reply(name, False, "estop_input_active", {})
             return self._decided(name, await loop.reset())
-        self._require_lease(operator)
+        if command in READ_ONLY_COMMANDS:
+            return await self._registration_request(request)
+        self._require_lease(operator)  # what changes how the robot moves needs the lease
         if command is proto.Command.MODE:
             self.mode = proto.Mode(proto.string_arg(request, "mode",
                                                     {m.value for m in proto.Mode}))
@@ -433,6 +442,7 @@ class ManipulatorDaemon:
         """Drive to ``pose`` under the operator's dead-man; the measured pose once at rest."""
         loop = self.control
         self.goal, self.goal_name = pose, "registration"
+        lagging = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -446,6 +456,13 @@ class ManipulatorDaemon:
                     measured = self._measured_pose()
                     if _settled(output) and _close(measured, pose):
                         return measured
+                    if _settled(output) and _close(output.pose, pose):
+                        lagging += 1  # commanded there, measured elsewhere
+                        if lagging * loop.config.period_s > FOLLOWING_TIMEOUT_S:
+                            raise MoveFailed("servos not following the commanded pose "
+                                             "(bus watchdog tripped?)")
+                    else:
+                        lagging = 0
         except TimeoutError:
             output = loop.last_output
             why = _reasons(output) if output is not None else "no cycle"

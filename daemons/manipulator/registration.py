@@ -218,6 +218,7 @@ class Registration:
         self.camera = camera
         self.kinematics = kinematics
         self.detector = BoardDetector(section, camera.intrinsics)
+        cv2.setNumThreads(1)  # one core for images; the other stays free for the control loop
         self.state = "none"
         """none | running | ok | stale | refused | failed."""
         self.result: RegistrationResult | None = None
