@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from daemons.manipulator.registration import RegistrationSection
 from daemons.manipulator.supervisor import SupervisorConfig
 from medge.console.server import ConsoleInfo, ConsoleServer
 from medge.console.settings import SettingsStore
@@ -207,3 +208,23 @@ async def test_losing_the_console_server_stops_the_robot_and_says_why(
         await assert_stops_and_stays_stopped(r, lost_at)
         await page.keyboard.up("Space")
         await page.keyboard.up("KeyD")
+
+
+@pytest.mark.slow
+async def test_registration_started_from_the_page_shows_the_patient_surface(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    brisk = SupervisorConfig(pose_gain=6.0, max_linear_speed=0.1, max_angular_speed=1.0,
+                             workspace_margin_m=0.02)
+    async with chromium() as browser, \
+            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S, supervisor=brisk,
+                registration=RegistrationSection(camera="simulated")) as r, \
+            console(browser, r, "alice", tmp_path) as (page, _):
+        await page.click("#arm")
+        await banner(page, "idle")
+        await page.keyboard.down("Space")  # the daemon drives the views while it is held
+        await page.click("#register")
+        await page.wait_for_selector("#registration:has-text('ok · residual')", timeout=150_000)
+        await page.wait_for_function("surface.length > 100", timeout=UI_TIMEOUT_MS)
+        await page.keyboard.up("Space")
+        await banner(page, "idle")
+        await screenshot(page, "registered", tmp_path)

@@ -312,9 +312,6 @@ function drawViews(robot) {
     const py = (p) => canvas.height - 20 - (p[view.v] - v0) * scale;
     g.strokeStyle = "#d5dae3";
     g.strokeRect(view.left + 8, 8, half - 16, canvas.height - 16);
-    g.fillStyle = "#5b6475";
-    g.font = "12px system-ui";
-    g.fillText(`${view.title} · grid 5 cm`, view.left + 16, 24);
     g.strokeStyle = "#eef1f6";
     for (let c = Math.ceil(u0 / 0.05) * 0.05; c <= u1; c += 0.05) {
       const x = px([c, 0, 0]);  // both views have x across
@@ -324,6 +321,9 @@ function drawViews(robot) {
       const p = [0, 0, 0]; p[view.v] = c;
       g.beginPath(); g.moveTo(view.left + 12, py(p)); g.lineTo(view.left + half - 12, py(p)); g.stroke();
     }
+    g.fillStyle = "#5b6475";
+    g.font = "12px system-ui";
+    g.fillText(`${view.title} · grid 5 cm`, view.left + 16, 24);
     g.fillStyle = "#e0a96d";
     for (const p of points) g.fillRect(px(p) - 1, py(p) - 1, 2, 2);
     g.fillStyle = "#9aa3b5";
