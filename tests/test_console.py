@@ -221,6 +221,28 @@ async def test_fresh_page_setpoints_are_forwarded_once_each_with_the_dead_man_se
         assert console.counters.forwarded == 2
 
 
+async def test_spacemouse_deflection_rides_on_the_page_dead_man(broker: Mosquitto,
+                                                                tmp_path: Path) -> None:
+    fifo = tmp_path / "hidraw-fake"
+    os.mkfifo(fifo)
+    async with SpaceMouseReader(fifo, combined=False) as mouse, \
+            TeleopClient(Broker(port=broker.port), ROBOT, "alice") as client, \
+            ConsoleServer(client, ConsoleInfo("alice", "127.0.0.1", ROBOT.prefix),
+                          SettingsStore("alice", tmp_path), spacemouse=mouse) as console:
+        writer = os.open(fifo, os.O_WRONLY)
+        try:
+            os.write(writer, SPLIT_TRANSLATION)  # x=+1, y=+1, z=-0.5 after the sign mapping
+            await _until(lambda: mouse.reports == 1)
+            assert console.counters.forwarded == 0  # no dead-man, nothing sent
+            status, reply = await http(console, "POST", "/api/setpoint",
+                                       page_setpoint([-1.0, 0, 0, 0, 0, 0]))
+            assert (status, reply) == (200, {"ok": True})
+        finally:
+            os.close(writer)
+    expected = InputSettings().twist([0.0, 1.0, -0.5, 0.0, 0.0, 0.0])  # page -x cancels mouse +x
+    assert console.counters.last_twist == pytest.approx([*expected.linear, *expected.angular])
+
+
 async def test_stale_and_reordered_page_setpoints_are_dropped(broker: Mosquitto,
                                                               tmp_path: Path) -> None:
     async with serving(broker, tmp_path) as console:

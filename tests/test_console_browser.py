@@ -47,8 +47,8 @@ async def chromium() -> AsyncIterator[Browser]:
 
 
 @contextlib.asynccontextmanager
-async def console(browser: Browser, r: Rig, operator: str,
-                  settings_dir: Path) -> AsyncIterator[tuple[Page, ConsoleServer]]:
+async def console(browser: Browser, r: Rig, operator: str, settings_dir: Path,
+                  init_script: str | None = None) -> AsyncIterator[tuple[Page, ConsoleServer]]:
     async with r.operator(operator) as client, \
             ConsoleServer(client, ConsoleInfo(operator, f"127.0.0.1:{r.broker.port}",
                                               r.topics.prefix),
@@ -56,6 +56,8 @@ async def console(browser: Browser, r: Rig, operator: str,
         context = await browser.new_context(viewport={"width": 1280, "height": 720})
         try:
             page = await context.new_page()
+            if init_script is not None:
+                await page.add_init_script(init_script)
             await page.goto(server.url)
             await banner(page, "not-armed")
             yield page, server
@@ -196,18 +198,32 @@ async def test_hiding_the_tab_stops_the_robot_and_says_why(
         await page.keyboard.up("KeyD")
 
 
-async def test_losing_the_console_server_stops_the_robot_and_says_why(
+FAKE_GAMEPAD = """
+    window.fakePad = {connected: true, axes: [0, 0, 0, 0],
+                      buttons: Array.from({length: 17}, () => ({value: 0, pressed: false}))};
+    navigator.getGamepads = () => [window.fakePad];
+"""
+"""A standard-mapping gamepad the test moves (headless Chromium has no gamepad of its own)."""
+
+
+async def test_gamepad_trigger_drives_and_losing_the_console_server_stops_the_robot(
         broker: Mosquitto, tmp_path: Path) -> None:
     async with chromium() as browser, \
             rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
-            console(browser, r, "alice", tmp_path) as (page, server):
-        await arm_and_move_right(page, r)
+            console(browser, r, "alice", tmp_path, FAKE_GAMEPAD) as (page, server):
+        await page.click("#arm")
+        await banner(page, "idle")
+        await page.evaluate("() => { fakePad.axes[0] = 1; }")  # stick right, trigger not held
+        await banner(page, "idle")
+        assert server.counters.forwarded == 0
+        await page.evaluate("() => { fakePad.buttons[7].value = 1; }")  # the dead-man
+        await wait_for(lambda: r.tip()[0] > 0.005)
+        await banner(page, "moving")
+        assert abs(r.tip()[1]) < 1e-3
         await server.__aexit__(None, None, None)  # the local server dies mid-motion
         lost_at = r.sim.clock()
         await banner(page, "link-lost")
         await assert_stops_and_stays_stopped(r, lost_at)
-        await page.keyboard.up("Space")
-        await page.keyboard.up("KeyD")
 
 
 @pytest.mark.slow
