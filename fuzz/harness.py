@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import atheris  # type: ignore[import-not-found]  # a `make fuzz` tool, not a dependency
+import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]  # make fuzz only
 
 PROJECT = ["drivers", "daemons", "medge", "fuzz"]
 """Packages whose code gets coverage instrumentation (firmware_sim only makes the seeds)."""
