@@ -329,8 +329,9 @@ def test_pacs_down_during_delivery_spools_then_delivers(
         assert "spooled" in final["message"]
         pacs.start()
         delivered = scanner.wait_for(job, lambda s: s["delivery"] == "delivered")
-        series = scanner.state_file(job)["plan_info"]["series_uid"]
-        assert len(pacs.instance_uids(series)) == 5
+        state = scanner.state_file(job)
+        assert len(pacs.instance_uids(state["plan_info"]["series_uid"])) == len(
+            state["plan_info"]["dicom_files"]) >= 3  # at least a level, label and overview
         assert delivered["status"] == "done"
     finally:
         pacs.stop()

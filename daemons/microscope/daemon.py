@@ -159,6 +159,8 @@ class Microscope:
         self._delivered: dict[str, asyncio.Event] = {}
         self._progress = Progress()
         self._synced_at = 0.0
+        self._levels: list[Any] = []
+        """The pyramid of the job in the stitch -> DICOM hand-over (on disk, not in memory)."""
         self._writing = asyncio.Lock()
         self.pacs: Any = None
         self.delivery: Any = None
@@ -424,23 +426,38 @@ class Microscope:
         await scan.acquire(self._motion(), job, focus, self.cfg.buffer_tiles, store)
 
     async def _phase_stitch(self, job: JobState) -> None:
+        """Register the overlaps, place and compose (daemons/microscope/wsi/pipeline.py); the
+        pyramid stays on disk in ``work/`` for the DICOM phase."""
+        self._levels = await asyncio.to_thread(self._stitch, job)
+
+    def _stitch(self, job: JobState) -> list[Any]:
+        from daemons.microscope.wsi.pipeline import build_pyramid
+
+        tiles_dir = self._dir(job) / "tiles"
         records = [job.tiles[i] for i in sorted(job.tiles)]
-        level, stitching = await asyncio.to_thread(
-            scan.compose, records, self._dir(job) / "tiles", self._geometry(job),
-            self._dir(job) / "work")
-        job.plan_info["stitching"] = stitching
-        await asyncio.to_thread(scan.pyramid, level, self._dir(job) / "work")
+        scan.write_tiles_folder(tiles_dir, job.plan, records, self._geometry(job))
+        work = self._dir(job) / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        result = build_pyramid(tiles_dir, work)
+        report = result.report
+        job.plan_info["stitching"] = {
+            "placement": "registration", "pairs": len(report.pairs),
+            "rejected_pairs": report.rejected, "outlier_pairs": report.outlier_pairs,
+            "residual_px": report.residual_rms_px, "max_residual_px": report.residual_max_px,
+            "tiles_placed_by_stage_only": report.flagged_tiles,
+            "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()}}
+        return list(result.levels)
 
     async def _phase_dicom(self, job: JobState) -> None:
-        await asyncio.to_thread(self._write_dicom, job)
+        if not self._levels:  # resumed after a restart: the pyramid is rebuilt from the tiles
+            await self._phase_stitch(job)
+        await asyncio.to_thread(self._write_dicom, job, self._levels)
+        self._levels = []
 
-    def _write_dicom(self, job: JobState) -> None:
+    def _write_dicom(self, job: JobState, levels: list[Any]) -> None:
         from daemons.microscope.wsi.dicom_writer import WriterOptions, write_series
 
         work = self._dir(job) / "work"
-        levels = [load_level(path, self._objective(job).um_per_px * 2 ** n)
-                  for n, path in enumerate(sorted(work.glob("level-*.npy"),
-                                                  key=lambda p: int(p.stem.split("-")[1])))]
         objective = self._objective(job)
         spec = job.spec
         metadata = SlideMetadata(
@@ -748,10 +765,6 @@ def read_png(path: Path) -> RgbImage:
     if bgr is None:
         raise scan.ScanError(f"{path}: missing or unreadable; resume the job to redo it")
     return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.uint8)
-
-
-def load_level(path: Path, um_per_px: float) -> scan.MemmapLevel:
-    return scan.MemmapLevel(path, um_per_px=um_per_px)
 
 
 async def main(cfg: MicroscopeConfig, service: Service) -> None:

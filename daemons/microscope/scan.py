@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -34,8 +34,6 @@ GLASS_OD_THRESHOLD = 0.12
 DARKEST_GLASS = 230.0
 """Bare glass under the overview lamp is at least this bright; the reference never drops
 below it, so a slide covered edge to edge with tissue still reads as tissue."""
-PYRAMID_TILE = 256
-WHITE = 255
 
 
 class ScanError(RuntimeError):
@@ -318,133 +316,21 @@ def tile_path(tiles_dir: Path, index: int) -> Path:
     return tiles_dir / f"{index:05d}.png"
 
 
-# -- mosaic and pyramid ------------------------------------------------------------------------
+# -- hand-over to the stitching pipeline ------------------------------------------------------
 
 
-class MemmapLevel:
-    """A pyramid level held in a file-backed array: bounded memory whatever the slide size."""
-
-    def __init__(self, path: Path, width: int = 0, height: int = 0, *, um_per_px: float,
-                 tile_size: int = PYRAMID_TILE) -> None:
-        """A new white level of ``width`` x ``height``, or (size 0) the one stored at ``path``."""
-        self.path = path
-        if width and height:
-            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                                   shape=(height, width, 3))
-            self.array[:] = WHITE
-        else:
-            self.array = np.load(path, mmap_mode="r")
-        self._spacing = um_per_px
-        self._tile = tile_size
-
-    @property
-    def width(self) -> int:
-        return int(self.array.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.array.shape[0])
-
-    @property
-    def tile_size(self) -> int:
-        return self._tile
-
-    @property
-    def pixel_spacing_um(self) -> float:
-        return self._spacing
-
-    def tiles(self) -> Iterator[RgbImage]:
-        size = self._tile
-        for top in range(0, self.height, size):
-            for left in range(0, self.width, size):
-                block = self.array[top:top + size, left:left + size]
-                tile = np.full((size, size, 3), WHITE, np.uint8)
-                tile[:block.shape[0], :block.shape[1]] = block
-                yield tile
-
-    def half(self, path: Path) -> MemmapLevel:
-        """The next level down (2x), computed strip by strip."""
-        smaller = MemmapLevel(path, max(1, self.width // 2), max(1, self.height // 2),
-                              um_per_px=self._spacing * 2, tile_size=self._tile)
-        strip = 2 * self._tile
-        for top in range(0, smaller.height * 2, strip):
-            source = self.array[top:min(top + strip, smaller.height * 2), :smaller.width * 2]
-            reduced = cv2.resize(np.ascontiguousarray(source),
-                                 (smaller.width, source.shape[0] // 2),
-                                 interpolation=cv2.INTER_AREA)
-            smaller.array[top // 2:top // 2 + reduced.shape[0]] = reduced
-        return smaller
-
-
-def compose(records: Sequence[TileRecord], tiles_dir: Path, geometry: Geometry,
-            work_dir: Path) -> tuple[MemmapLevel, dict[str, Any]]:
-    """Place every captured tile at its recorded stage position (the stage is repeatable to
-    well under a pixel after backlash compensation); overlaps take the centre-most tile, so
-    each output pixel comes from the tile that saw it furthest from its vignetted edge."""
-    xs = [r.x_um for r in records]
-    ys = [r.y_um for r in records]
-    left, top = min(xs), min(ys)
-    field_w, field_h = geometry.field_um
-    width = math.ceil((max(xs) + field_w - left) / geometry.um_per_px)
-    height = math.ceil((max(ys) + field_h - top) / geometry.um_per_px)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    level = MemmapLevel(work_dir / "level-0.npy", width, height, um_per_px=geometry.um_per_px)
-    trim_x = round(geometry.width_px * geometry.overlap / 2)
-    trim_y = round(geometry.height_px * geometry.overlap / 2)
-    residuals: list[float] = []
-    rejected = 0
-    previous: tuple[TileRecord, RgbImage] | None = None
+def write_tiles_folder(tiles_dir: Path, plan: Sequence[tuple[float, float]],
+                       records: Sequence[TileRecord], geometry: Geometry) -> None:
+    """``positions.csv`` and ``scan.json`` next to the tiles, in the format the stitching
+    pipeline reads (daemons/microscope/wsi/scanfolder.py): grid row/column from the plan,
+    positions as the controller reported them."""
+    step_x, step_y = geometry.step_um
+    x0 = min(x for x, _ in plan)
+    y0 = min(y for _, y in plan)
+    lines = ["name,row,col,x_um,y_um"]
     for record in records:
-        bgr = cv2.imread(str(tile_path(tiles_dir, record.index)), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ScanError(f"tile {record.index} is unreadable; resume the job to re-capture it")
-        frame: RgbImage = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.uint8)
-        col = round((record.x_um - left) / geometry.um_per_px)
-        row = round((record.y_um - top) / geometry.um_per_px)
-        # Paste the tile without its outer half-overlap, except where nothing else covers it.
-        x0 = 0 if col == 0 else trim_x
-        y0 = 0 if row == 0 else trim_y
-        x1 = frame.shape[1] if col + frame.shape[1] >= width else frame.shape[1] - trim_x
-        y1 = frame.shape[0] if row + frame.shape[0] >= height else frame.shape[0] - trim_y
-        level.array[row + y0:row + y1, col + x0:col + x1] = frame[y0:y1, x0:x1]
-        if previous is not None and previous[0].y_um == record.y_um:
-            shift = overlap_shift(previous, (record, frame), geometry)
-            if shift is None:
-                rejected += 1
-            else:
-                residuals.append(shift)
-        previous = (record, frame)
-    level.array.flush()
-    return level, {"origin_um": [left, top], "width_px": width, "height_px": height,
-                   "placement": "stage positions", "pairs": len(residuals) + rejected,
-                   "rejected_pairs": rejected,
-                   "residual_px": float(np.mean(residuals)) if residuals else 0.0,
-                   "max_residual_px": float(np.max(residuals)) if residuals else 0.0}
-
-
-MIN_PAIR_RESPONSE = 0.05
-"""Phase-correlation peaks below this (bare glass, blur) say nothing: the pair is rejected."""
-
-
-def overlap_shift(first: tuple[TileRecord, RgbImage], second: tuple[TileRecord, RgbImage],
-                  geometry: Geometry) -> float | None:
-    """How far (px) the overlap of two row neighbours disagrees with their stage positions:
-    the stitching residual of placing by position. None when the overlap has no texture."""
-    (a, image_a), (b, image_b) = sorted((first, second), key=lambda item: item[0].x_um)
-    offset = round((b.x_um - a.x_um) / geometry.um_per_px)
-    width = image_a.shape[1] - offset
-    if offset <= 0 or width < 16:
-        return None
-    strip_a = image_a[:, offset:, 1].astype(np.float32)
-    strip_b = image_b[:, :width, 1].astype(np.float32)
-    (dx, dy), response = cv2.phaseCorrelate(strip_a, strip_b)
-    if response < MIN_PAIR_RESPONSE:
-        return None
-    return float(math.hypot(dx, dy))
-
-
-def pyramid(base: MemmapLevel, work_dir: Path) -> list[MemmapLevel]:
-    levels = [base]
-    while max(levels[-1].width, levels[-1].height) > PYRAMID_TILE:
-        levels.append(levels[-1].half(work_dir / f"level-{len(levels)}.npy"))
-    return levels
+        x, y = plan[record.index]
+        lines.append(f"{tile_path(tiles_dir, record.index).name},{round((y - y0) / step_y)},"
+                     f"{round((x - x0) / step_x)},{record.x_um:.3f},{record.y_um:.3f}")
+    (tiles_dir / "positions.csv").write_text("\n".join(lines) + "\n")
+    (tiles_dir / "scan.json").write_text(json.dumps({"pixel_size_um": geometry.um_per_px}))
