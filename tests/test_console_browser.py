@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
@@ -65,6 +66,16 @@ async def console(browser: Browser, r: Rig, operator: str, settings_dir: Path,
             await context.close()
 
 
+@contextlib.asynccontextmanager
+async def alice_console(broker: Mosquitto, tmp_path: Path, init_script: str | None = None,
+                        **rig_options: Any) -> AsyncIterator[tuple[Rig, Page, ConsoleServer]]:
+    """Chromium, the robot rig and alice's console on it."""
+    rig_options.setdefault("watchdog_s", RELAXED_WATCHDOG_S)
+    async with chromium() as browser, rig(broker.port, tmp_path, **rig_options) as r, \
+            console(browser, r, "alice", tmp_path, init_script) as (page, server):
+        yield r, page, server
+
+
 async def banner(page: Page, reason: str) -> None:
     await page.wait_for_selector(f'#banner[data-reason="{reason}"]', timeout=UI_TIMEOUT_MS)
 
@@ -92,9 +103,7 @@ async def assert_stops_and_stays_stopped(r: Rig, since: float) -> None:
 
 async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
         broker: Mosquitto, tmp_path: Path) -> None:
-    async with chromium() as browser, \
-            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
-            console(browser, r, "alice", tmp_path) as (page, server):
+    async with alice_console(broker, tmp_path) as (r, page, server):
         assert await page.text_content("#operator") == "alice"
         await screenshot(page, "idle", tmp_path)
         await arm_and_move_right(page, r)
@@ -119,9 +128,7 @@ async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
 
 async def test_escape_latches_the_estop_and_reset_needs_confirmation_and_rearming(
         broker: Mosquitto, tmp_path: Path) -> None:
-    async with chromium() as browser, \
-            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
-            console(browser, r, "alice", tmp_path) as (page, _):
+    async with alice_console(broker, tmp_path) as (r, page, _):
         await arm_and_move_right(page, r)
         await page.keyboard.press("Escape")  # dead-man and D stay held
         await banner(page, "estop")
@@ -171,9 +178,7 @@ async def test_a_second_console_cannot_take_the_lease_or_move_the_robot(
 
 async def test_hiding_the_tab_stops_the_robot_and_says_why(
         broker: Mosquitto, tmp_path: Path) -> None:
-    async with chromium() as browser, \
-            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
-            console(browser, r, "alice", tmp_path) as (page, server):
+    async with alice_console(broker, tmp_path) as (r, page, server):
         await arm_and_move_right(page, r)
         # Headless Chromium has no window to minimise: report the tab hidden the way the browser
         # does (visibilityState + visibilitychange); the page's own handlers do the rest.
@@ -208,9 +213,7 @@ FAKE_GAMEPAD = """
 
 async def test_gamepad_trigger_drives_and_losing_the_console_server_stops_the_robot(
         broker: Mosquitto, tmp_path: Path) -> None:
-    async with chromium() as browser, \
-            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S) as r, \
-            console(browser, r, "alice", tmp_path, FAKE_GAMEPAD) as (page, server):
+    async with alice_console(broker, tmp_path, FAKE_GAMEPAD) as (r, page, server):
         await page.click("#arm")
         await banner(page, "idle")
         await page.evaluate("() => { fakePad.axes[0] = 1; }")  # stick right, trigger not held
@@ -231,10 +234,9 @@ async def test_registration_started_from_the_page_shows_the_patient_surface(
         broker: Mosquitto, tmp_path: Path) -> None:
     brisk = SupervisorConfig(pose_gain=6.0, max_linear_speed=0.1, max_angular_speed=1.0,
                              workspace_margin_m=0.02)
-    async with chromium() as browser, \
-            rig(broker.port, tmp_path, watchdog_s=RELAXED_WATCHDOG_S, supervisor=brisk,
-                registration=RegistrationSection(camera="simulated")) as r, \
-            console(browser, r, "alice", tmp_path) as (page, _):
+    registration = RegistrationSection(camera="simulated")
+    async with alice_console(broker, tmp_path, supervisor=brisk,
+                             registration=registration) as (_, page, _):
         await page.click("#arm")
         await banner(page, "idle")
         await page.keyboard.down("Space")  # the daemon drives the views while it is held
