@@ -40,6 +40,7 @@ class RegistrationSettings:
     peaks: int = 3
     """Correlation peaks judged by NCC per pair."""
     permutation_samples: int = 200
+    """At most; a scan with fewer pairs (but at least 50) draws as many samples as pairs."""
     permutation_percentile: float = 99.0
     min_ncc: float = 0.1
     """Floor under the learned threshold, for scans too uniform to learn from."""
@@ -319,7 +320,9 @@ def _permutation_ncc(
     members = sorted(reservoir)
     strangers = [(c, d) for c in members for d in members if c != d and (c, d) not in touching]
     jobs: list[Future[tuple[float, float, float]]] = []
-    for _ in range(settings.permutation_samples):
+    # No more chance samples than real pairs: small scans would otherwise spend most of their
+    # time on the null distribution.
+    for _ in range(min(settings.permutation_samples, max(50, len(pairs)))):
         pair = rng.choice(pairs)
         if strangers:
             c, d = rng.choice(strangers)
