@@ -269,8 +269,11 @@ class Microscope:
             try:
                 await getattr(self, f"_phase_{phase}")(job)
                 return
-            except (PositionLostError, GrblReset, StageDisconnected) as exc:
-                if recoveries >= MAX_STAGE_RECOVERIES or self.rig.stage.alarm is not None:
+            except StageError as exc:
+                stage = self.rig.stage
+                reset = (isinstance(exc, PositionLostError | GrblReset | StageDisconnected)
+                         or stage.position_lost)  # e.g. "in Alarm state" seen before the banner
+                if not reset or stage.alarm is not None or recoveries >= MAX_STAGE_RECOVERIES:
                     raise  # an alarm (limit switch, crash) needs a technician
                 recoveries += 1
                 job.plan_info["stage_recoveries"] = job.plan_info.get("stage_recoveries", 0) + 1
