@@ -91,7 +91,7 @@ async def arm_and_move_right(page: Page, r: Rig) -> None:
     await page.keyboard.down("Space")
     await page.keyboard.down("KeyD")
     start = r.tip()[0]
-    await wait_for(lambda: r.tip()[0] > start + 0.005)
+    await wait_for(lambda: r.tip()[0] > start + 0.005, timeout=20)  # slow when CPUs are busy
     await banner(page, "moving")
 
 
@@ -116,6 +116,8 @@ async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
         assert "alice (you)" in (await page.text_content("#lease") or "")
         assert abs(r.tip()[1]) < 1e-3  # D moves right (+x), nothing else
         await screenshot(page, "armed-moving", tmp_path)
+        moved_to = r.tip()[0]  # a screenshot can stall the page's timers: moving again?
+        await wait_for(lambda: r.tip()[0] > moved_to + 0.002)
         await page.keyboard.up("Space")  # the page sends no "release": setpoints just stop
         released_at = r.sim.clock()
         forwarded = server.counters.forwarded
@@ -124,6 +126,17 @@ async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
         await assert_stops_and_stays_stopped(r, released_at)
         assert server.counters.forwarded - forwarded <= 2  # at most the requests in flight
         await page.keyboard.up("KeyD")
+
+        await banner(page, "not-armed")  # 1 s without setpoints: the lease lapsed
+        await page.click("#arm")
+        await banner(page, "idle")
+        await page.click("#goto")  # "home": the daemon drives there while the dead-man is held
+        await page.wait_for_selector("#mode:has-text('going to home')", timeout=UI_TIMEOUT_MS)
+        away = r.tip()[0]
+        assert away > 0.005
+        await page.keyboard.down("Space")
+        await wait_for(lambda: r.tip()[0] < away / 2)  # heading back to x = 0
+        await page.keyboard.up("Space")
 
 
 async def test_escape_latches_the_estop_and_reset_needs_confirmation_and_rearming(
