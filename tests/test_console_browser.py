@@ -189,29 +189,39 @@ async def test_a_second_console_cannot_take_the_lease_or_move_the_robot(
         await bob.keyboard.up("KeyD")
 
 
-async def test_hiding_the_tab_stops_the_robot_and_says_why(
-        broker: Mosquitto, tmp_path: Path) -> None:
+# Headless Chromium has no window to minimise or leave: the tests report the tab hidden or the
+# window unfocused the way the browser does (state + event); the page's own handlers do the rest.
+HIDE = """() => {
+    Object.defineProperty(document, "visibilityState", {value: "hidden", configurable: true});
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+SHOW = """() => {
+    delete document.visibilityState;
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+BLUR = """() => window.dispatchEvent(new Event("blur"))"""
+FOCUS = """() => window.dispatchEvent(new Event("focus"))"""
+
+
+@pytest.mark.parametrize(("leave", "come_back", "reason"),
+                         [(HIDE, SHOW, "hidden"), (BLUR, FOCUS, "blur")], ids=["hidden", "blur"])
+async def test_leaving_the_tab_stops_the_robot_and_says_why(
+        broker: Mosquitto, tmp_path: Path, leave: str, come_back: str, reason: str) -> None:
     async with alice_console(broker, tmp_path) as (r, page, server):
         await arm_and_move_right(page, r)
-        # Headless Chromium has no window to minimise: report the tab hidden the way the browser
-        # does (visibilityState + visibilitychange); the page's own handlers do the rest.
-        await page.evaluate("""() => {
-            Object.defineProperty(document, "visibilityState", {value: "hidden",
-                                                                configurable: true});
-            document.dispatchEvent(new Event("visibilitychange"));
-        }""")
-        hidden_at = r.sim.clock()
-        await banner(page, "hidden")
+        await page.evaluate(leave)
+        left_at = r.sim.clock()
+        await banner(page, reason)
         forwarded = server.counters.forwarded
-        await assert_stops_and_stays_stopped(r, hidden_at)
+        await assert_stops_and_stays_stopped(r, left_at)
         assert server.counters.forwarded - forwarded <= 2
-        await page.evaluate("""() => {
-            delete document.visibilityState;
-            document.dispatchEvent(new Event("visibilitychange"));
-        }""")
-        # Keys held while hidden are forgotten (their keyup may never come): the dead-man
-        # must be pressed again.
+        await page.evaluate(come_back)
         await banner(page, "not-armed")  # the silence outlasted 1 s: the lease lapsed
+        await page.click("#arm")
+        # Space and D were never released, but keys held while away are forgotten (their keyup
+        # may never come): the page waits for the dead-man to be pressed again.
+        await banner(page, "idle")
+        assert server.counters.forwarded - forwarded <= 2
         await page.keyboard.up("Space")
         await page.keyboard.up("KeyD")
 
