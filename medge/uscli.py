@@ -13,12 +13,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 
 from daemons.manipulator.teleop_protocol import Reply
-from daemons.manipulator.ultrasound import encode_us_request
+from daemons.manipulator.ultrasound import US_COMMANDS
 from medge.consolecli import UsageError, _host_port, identity
 from medge.exitcodes import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from medge.teleop import RequestTimeout, RobotTopics, TeleopClient
@@ -36,10 +36,20 @@ class UsTopics(RobotTopics):
         return super().request(operator).removesuffix("/request") + "/us"
 
 
+@dataclass(frozen=True)
+class _CommandName:
+    """Stands in for a teleoperation :class:`Command`: the request envelope is the same, only
+    the command names (``daemons.manipulator.ultrasound.US_COMMANDS``) differ."""
+
+    value: str
+
+
 async def us_request(client: TeleopClient, command: str, args: dict[str, Any] | None = None,
                      timeout: float = 10.0) -> Reply:
     """One ultrasound request through a client made with :class:`UsTopics`."""
-    return await client.request_raw(encode_us_request(client.operator, command, args), timeout)
+    if command not in US_COMMANDS:
+        raise UsageError(f"unknown ultrasound command {command!r}")
+    return await client.request(cast(Any, _CommandName(command)), args, timeout)
 
 
 def register(subparsers: Any) -> None:

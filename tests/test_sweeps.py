@@ -5,9 +5,12 @@ resumes and completes); bad requests are refused by name."""
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
+import json
 import math
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,11 +21,13 @@ from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.sweeps import Phase, Surface, SweepSpec, path_pose
 from daemons.manipulator.ultrasound import UltrasoundSection, UltrasoundService, attach
 from firmware_sim.ultrasound import ImageGeometry, SimulatedUltrasound, world_probe
+from medge.exitcodes import EXIT_USAGE
 from medge.localbroker import Mosquitto
 from medge.teleop import TeleopClient
 from medge.uscli import UsTopics, us_request
 from tests.teleop_rig import Rig, rig, wait_for
 
+MEDGE = Path(sys.executable).with_name("medge")
 SHORT = SweepSpec(start=(-0.008, 0.0), end=(0.008, 0.0), speed=0.02, press_m=0.003)
 FAN = SweepSpec(kind="fan", start=(0.0, 0.0), fan_rad=0.1, speed=0.02, press_m=0.003)
 DEEP = SweepSpec(start=(-0.008, 0.0), end=(0.008, 0.0), speed=0.02, press_m=0.02)
@@ -150,11 +155,15 @@ async def test_take_over_passes_the_lease_and_hand_back_resumes(
         assert r.daemon.control.supervisor.operator == "dr-lee"
         assert run.progress == held and run.running
         # the doctor steers: their setpoints move the robot, the sweep's no longer arrive
-        doctor.command(True, Twist((0.0, 0.01, 0.0), (0.0, 0.0, 0.0)))
+        doctor.command(True, Twist((0.01, 0.0, 0.0), (0.0, 0.0, 0.0)))
         await doctor.start_stream(100)
-        start_y = r.tip()[1]
-        try:
-            await wait_for(lambda: r.tip()[1] > start_y + 0.002, 10)
+        start_x = r.tip()[0]
+
+        def commanded_x() -> float:
+            output = r.daemon.control.last_output
+            return -1.0 if output is None else output.pose.tip_x
+        try:  # the supervisor follows the doctor now (the commanded pose is theirs)
+            await wait_for(lambda: commanded_x() > start_x + 0.002, 20)
         except TimeoutError:
             pytest.fail(f"the doctor could not steer: {r.daemon.state_document()}")
         await doctor.stop_stream()
@@ -163,9 +172,10 @@ async def test_take_over_passes_the_lease_and_hand_back_resumes(
         back = await us_request(doctor_us, "hand_back")
         assert back.ok and back.detail["phase"] == "approach"
         assert r.daemon.control.supervisor.operator == run.operator
-        assert await run.finished(60) == "completed"
+        outcome = await run.finished(60)
+        assert outcome == "completed", (outcome, r.sim.watchdog_trips)
         assert run.progress == pytest.approx(run.spec.length)
-        assert abs(r.tip()[1]) < 0.0015  # the sweep went back onto its path
+        assert r.tip()[0] == pytest.approx(SLOW.end[0], abs=0.0015)  # back on its path, at the end
 
 
 async def test_sweep_requests_are_refused_by_name(broker: Mosquitto, tmp_path: Path) -> None:
@@ -181,3 +191,30 @@ async def test_sweep_requests_are_refused_by_name(broker: Mosquitto, tmp_path: P
         stop = await us_request(doctor_us, "record_stop")
         assert (stop.ok, stop.reason) == (False, "not_recording")
         await alice.disarm()
+
+
+async def medge_us(r: Rig, *argv: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(MEDGE), "us", "--broker", f"127.0.0.1:{r.broker.port}",
+        "--robot", f"{r.topics.site}/{r.topics.node}", "--user", "dr-lee", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_cli_lists_starts_and_refuses(broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc):
+        code, output = await medge_us(r, "list")
+        assert code == 0, output
+        listing = json.loads(output)
+        assert listing["ok"] and set(listing["sweeps"]) == set(SECTION.sweeps)
+        code, output = await medge_us(r, "sweep", "start", "nope")
+        assert code == 1 and json.loads(output)["reason"] == "unknown_sweep"
+        code, output = await medge_us(r, "sweep", "start")
+        assert code == EXIT_USAGE and "NAME" in output
+        code, output = await medge_us(r, "sweep", "start", "short")
+        assert code == 0, output
+        run = svc.sweep
+        assert run is not None and run.operator == "sweep.short"
+        assert await run.finished(30) == "completed"

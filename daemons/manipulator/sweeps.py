@@ -46,8 +46,8 @@ from medge.config import bounds
 
 log = structlog.get_logger(__name__)
 
-ARRIVED_M = 0.0008
-ARRIVED_RAD = 0.008
+ARRIVED_M = 0.001
+ARRIVED_RAD = 0.01
 SURFACE_RADIUS_M = 0.01
 """Registered surface points within this distance (in x, y) give the height under a point."""
 SWEEP_OPERATOR_PREFIX = "sweep."
@@ -155,6 +155,8 @@ class SweepRun:
         self.on_phase: list[Callable[[SweepRun], None]] = []
         self._seq = 0
         self._approach_deadline = 0.0
+        self._end_deadline: float | None = None
+        """Set when the path's end is commanded: the probe must get there by then."""
         self._last_cycle: float | None = None
         self._finished = asyncio.Event()
 
@@ -230,7 +232,6 @@ class SweepRun:
     # --- the cycle -------------------------------------------------------------------------
 
     def _on_cycle(self, output: CycleOutput, states: Sequence[ServoState]) -> None:
-        del states
         now = self.loop.clock()
         dt = 0.0 if self._last_cycle is None else now - self._last_cycle
         self._last_cycle = now
@@ -248,8 +249,11 @@ class SweepRun:
             self.abort(_first(stops))
             return
         target = path_pose(self.spec, self.surface, self.progress)
+        kinematics = self.loop.kinematics
+        measured = kinematics.forward(kinematics.servo_to_joints(
+            [s.position_rad for s in states])) if states else None
         if self.phase is Phase.APPROACH:
-            if _arrived(output, target):
+            if _arrived(measured, target):
                 self._set_phase(Phase.SWEEPING)
             elif now > self._approach_deadline:
                 self.abort("approach_timeout")
@@ -257,9 +261,15 @@ class SweepRun:
         elif self.phase is Phase.SWEEPING and not status.reasons & HOLD_REASONS:
             self.progress = min(self.spec.length, self.progress + self.spec.rate * dt)
             target = path_pose(self.spec, self.surface, self.progress)
-            if self.progress >= self.spec.length and _arrived(output, target):
-                self.abort("completed")
-                return
+            if self.progress >= self.spec.length:
+                if _arrived(measured, target):
+                    self.abort("completed")
+                    return
+                if self._end_deadline is None:
+                    self._end_deadline = now + self.spec.approach_timeout_s
+                elif now > self._end_deadline:
+                    self.abort("end_not_reached")  # the servos do not follow the commands
+                    return
         self._seq += 1
         self.loop.submit(Setpoint(self.operator, self._seq, True, now, now, pose=target))
 
@@ -293,8 +303,8 @@ def _first(reasons: frozenset[Reason]) -> str:
     return sorted(r.value for r in reasons)[0]
 
 
-def _arrived(output: CycleOutput, target: ProbePose) -> bool:
-    pose = output.pose
-    return (math.dist(pose.tip, target.tip) <= ARRIVED_M
+def _arrived(pose: ProbePose | None, target: ProbePose) -> bool:
+    """The *measured* pose is there: a sweep is done when the probe is, not the command."""
+    return pose is not None and (math.dist(pose.tip, target.tip) <= ARRIVED_M
             and max(abs(pose.tilt_a - target.tilt_a), abs(pose.tilt_b - target.tilt_b))
             <= ARRIVED_RAD)

@@ -585,7 +585,3 @@ def decode_us_request(payload: object, operator: str) -> tuple[str, dict[str, An
         raise proto.ProtocolError("args", "must be an object")
     return str(command), args
 
-
-def encode_us_request(operator: str, command: str, args: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"v": proto.VERSION, "operator": operator, "cmd": command,
-                       "args": args or {}}, separators=(",", ":")).encode()
