@@ -217,4 +217,8 @@ async def test_cli_lists_starts_and_refuses(broker: Mosquitto, tmp_path: Path) -
         assert code == 0, output
         run = svc.sweep
         assert run is not None and run.operator == "sweep.short"
-        assert await run.finished(30) == "completed"
+        assert r.daemon.control.supervisor.operator == "sweep.short"
+        code, output = await medge_us(r, "sweep", "abort")
+        assert code == 0, output
+        assert await run.finished(5) == "aborted"
+        assert r.daemon.control.supervisor.operator is None
