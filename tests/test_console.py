@@ -8,7 +8,11 @@ import contextlib
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -360,3 +364,27 @@ def test_the_certificate_common_name_is_the_operator(tmp_path: Path) -> None:
         str(server_cert), "--key", str(tmp_path / "server.key"), "--cafile", str(ca_file)])
     operator, broker = identity(args)
     assert operator == "localhost" and broker.tls is not None and broker.username is None
+
+
+def test_medge_console_prints_its_url_serves_the_page_and_stops_on_sigterm(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medge.cli", "console", "--broker", f"127.0.0.1:{broker.port}",
+         "--robot", "site-a/node-1", "--user", "alice", "--no-browser", "--spacemouse", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        url = line.split(": ", 1)[1].strip()
+        assert "alice" in line and url.startswith("http://127.0.0.1:") and "token=" in url
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200 and b"E-STOP" in response.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
