@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import bisect
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,9 +126,12 @@ async def main() -> None:
         broker.start()
         try:
             async with rig(broker.port, Path(directory)) as r:
+                print("streaming…", file=sys.stderr)
                 total, transport, wait = await streaming(r, args.seconds)
                 stats = r.daemon.control.stats()
+                print("link cuts…", file=sys.stderr)
                 to_command, to_rest = await link_cut(r, args.trials)
+                print("done, stopping the rig", file=sys.stderr)
         finally:
             broker.stop()
     budget = SupervisorConfig().stale_s + SupervisorConfig().stopping_time()

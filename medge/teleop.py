@@ -223,8 +223,13 @@ class TeleopClient:
         properties.MessageExpiryInterval = SETPOINT_EXPIRY_S
         if self.record_sends:
             self.sent[number] = time.monotonic()
-        await self.client.publish(self.robot.setpoint(self.operator), encode_setpoint(message),
-                                  qos=0, retain=False, properties=properties)
+        # Fire and forget, straight to paho: a QoS 0 setpoint is never waited for (aiomqtt's
+        # publish awaits the socket write, and on Python 3.11 its wait_for can swallow the
+        # cancellation that stops a stream).
+        info = self.client._client.publish(
+            self.robot.setpoint(self.operator), encode_setpoint(message), 0, False, properties)
+        if info.rc != 0:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish the setpoint")
         return number
 
     def command(self, enable: bool, twist: Twist | None = None,
