@@ -38,7 +38,9 @@ SECTION = UltrasoundSection(resolution=(160, 120), live_rate_hz=0.0,
 
 @contextlib.asynccontextmanager
 async def us_rig(port: int, tmp_path: Path) -> AsyncIterator[tuple[Rig, UltrasoundService]]:
-    async with rig(port, tmp_path) as r:
+    # a servo bus watchdog of 0.3 s (configurable up to 2.54 s): on this shared 2-core test box
+    # the 0.1 s default trips on event-loop stalls, and a tripped servo no longer follows
+    async with rig(port, tmp_path, watchdog_s=0.3) as r:
         source = SimulatedUltrasound(world_probe(r.world), frame_rate_hz=30,
                                      geometry=ImageGeometry(160, 120))
         yield r, await attach(r.daemon, SECTION, source)
