@@ -359,9 +359,9 @@ def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -
 
 def test_the_certificate_common_name_is_the_operator(tmp_path: Path) -> None:
     ca_file, server_cert = make_ca(tmp_path)
-    args = build_parser().parse_args([
-        "console", "--broker", "127.0.0.1:8883", "--robot", "site/node", "--cert",
-        str(server_cert), "--key", str(tmp_path / "server.key"), "--cafile", str(ca_file)])
+    argv = ["console", "--broker", "127.0.0.1:8883", "--robot", "site/node", "--cert",
+            str(server_cert), "--key", str(tmp_path / "server.key"), "--cafile", str(ca_file)]
+    args = build_parser(argv).parse_args(argv)
     operator, broker = identity(args)
     assert operator == "localhost" and broker.tls is not None and broker.username is None
 
