@@ -163,8 +163,18 @@ def measure(method: str, scan: Path, timeout_s: int) -> dict[str, Any]:
             sys.executable, "-m", "bench.stitch", "--worker", method, "--scan", str(scan),
             "--work", scratch, "--result", str(result), "--timeout", str(timeout_s),
         ])
-        _, status, usage = os.wait4(process.pid, 0)
+        # SIGALRM in the worker cannot interrupt a long C++ call (OpenCV), so also watch here.
+        deadline = time.monotonic() + timeout_s + 30
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+            time.sleep(1.0)
         process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode == -signal.SIGKILL and not result.exists():
+            result.write_text(json.dumps({"error": f"no result within {timeout_s} s (killed)"}))
         outcome: dict[str, Any] = (json.loads(result.read_text()) if result.exists()
                                    else {"error": f"exit {process.returncode}"})
         outcome["peak_rss_mib"] = usage.ru_maxrss / 1024
