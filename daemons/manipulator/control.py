@@ -91,6 +91,10 @@ class ControlLoop:
         self._cycle_times: collections.deque[float] = collections.deque(maxlen=60_000)
         self._overruns = 0
         self._bus_log = StateLog(log, "servo bus")
+        self._wake = asyncio.Event()
+        self.min_gap_s = self.config.period_s / 4
+        """Closest spacing of cycles brought forward by :meth:`wake` (bus load stays bounded
+        however fast setpoints arrive)."""
 
     @property
     def supervisor(self) -> Supervisor:
@@ -135,19 +139,41 @@ class ControlLoop:
         self.supervisor.estop(Reason.ESTOP_SERVO_LINK)
 
     async def run(self) -> None:
-        """Cycle on absolute deadlines until cancelled."""
+        """Cycle on absolute deadlines until cancelled; :meth:`wake` brings a cycle forward."""
         loop = asyncio.get_running_loop()
         period = self.config.period_s
         deadline = loop.time()
+        woken = False
         while True:
-            lateness = loop.time() - deadline
-            self._lateness.append(lateness)
-            if lateness > period:
-                self._overruns += 1
-                deadline += period * int(lateness // period)  # skip, never burst to catch up
+            if not woken:  # jitter is the timer's lateness; a woken cycle has no deadline
+                lateness = loop.time() - deadline
+                self._lateness.append(lateness)
+                if lateness > period:
+                    self._overruns += 1
+                    deadline += period * int(lateness // period)  # skip, never burst
+            started = loop.time()
             await self.cycle()
             deadline += period
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            woken = await self._woken_before(deadline)
+            if woken:
+                # a fresh setpoint: cycle now (but never closer than min_gap to the last one)
+                # and count the period from this cycle, so the loop follows the operator's
+                # stream instead of adding up to a whole period of waiting to every command
+                await asyncio.sleep(max(0.0, started + self.min_gap_s - loop.time()))
+                deadline = loop.time()
+
+    def wake(self) -> None:
+        """Run the next cycle as soon as allowed (called when a fresh setpoint arrives)."""
+        self._wake.set()
+
+    async def _woken_before(self, deadline: float) -> bool:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        self._wake.clear()  # cleared only once seen: a wake during a cycle is not lost
+        return True
 
     def stats(self) -> LoopStats:
         lateness, cycles = list(self._lateness), list(self._cycle_times)

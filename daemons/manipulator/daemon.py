@@ -104,6 +104,9 @@ class ManipulatorSection:
     state_rate_hz: float = field(default=50.0, metadata=bounds(min=1.0, max=100.0))
     fine_scale: float = field(default=0.25, metadata=bounds(min=0.01, max=1.0))
     """Twist scale in ``fine`` mode."""
+    cycle_on_setpoint: bool = True
+    """Run a control cycle as soon as a fresh setpoint is accepted (≥ period/4 apart) instead
+    of waiting up to a whole period: setpoint → Sync Write is then the MQTT hop plus a cycle."""
     estop_input: Path | None = None
     """A local E-stop input: the file's existence latches the E-stop (stands in for a GPIO)."""
     estop_poll_s: float = field(default=0.01, metadata=bounds(min=0.001, max=0.1))
@@ -294,6 +297,8 @@ class ManipulatorDaemon:
                                               decoded.sent_at, received_at, twist, pose))
         if reason is not Reason.OK:
             self._reject(reason.value, decoded.operator)
+        elif self.section.cycle_on_setpoint:
+            self.control.wake()
 
     def _reject(self, reason: str, operator: str | None) -> None:
         self.rejected[reason] += 1
