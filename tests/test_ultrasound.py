@@ -121,6 +121,38 @@ async def test_missing_grabber_device_is_named(tmp_path: Path) -> None:
     assert not grabber.camera.is_open
 
 
+async def test_grabber_asks_for_the_frame_rate_and_returns_the_image_area(
+        tmp_path: Path) -> None:
+    from tests.test_camera_driver import FakeCapture
+
+    node = tmp_path / "video0"
+    node.touch()
+    fake = FakeCapture(64, 48)
+    screen = np.zeros((48, 64, 3), np.uint8)
+    screen[4:24, 8:40] = (90, 90, 90)  # BGR grey in the image area
+    fake.frames.append(screen)
+    grabber = FrameGrabber(str(node), resolution=(64, 48), crop=Crop(8, 4, 32, 20),
+                           frame_rate_hz=25.0)
+    grabber.camera._open_capture = lambda: fake  # type: ignore[method-assign]
+    async with grabber:
+        area = await grabber.capture()
+    assert fake.props[cv2.CAP_PROP_FPS] == 25.0 and fake.released
+    assert area.shape == (20, 32) and int(area.min()) == int(area.max()) == 90
+
+
+async def test_grabber_refusing_the_frame_rate_is_named(tmp_path: Path) -> None:
+    from tests.test_camera_driver import FakeCapture
+
+    node = tmp_path / "video0"
+    node.touch()
+    fake = FakeCapture(64, 48, refuse=cv2.CAP_PROP_FPS)
+    grabber = FrameGrabber(str(node), resolution=(64, 48), frame_rate_hz=60.0)
+    grabber.camera._open_capture = lambda: fake  # type: ignore[method-assign]
+    with pytest.raises(CameraSettingError, match="frame_rate_hz.*60"):
+        await grabber.open()
+    assert not grabber.camera.is_open
+
+
 # --- pose track --------------------------------------------------------------------------
 
 def pose_x(x: float) -> ProbePose:
