@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 
 from daemons.manipulator import us_dicom
+from daemons.manipulator.ultrasound import UltrasoundSection
 from daemons.manipulator.us_dicom import Exam, FrameRecord, ImageGeometry, UsDicomError
 from firmware_sim.ultrasound import ImageGeometry as SimGeometry
 from firmware_sim.ultrasound import Phantom, render_bmode
 from medge.config import Secret
+from medge.localbroker import Mosquitto
 from medge.pacs.config import Destination, RetryPolicy
 from medge.pacs.delivery import SpoolDelivery
 from medge.pacs.spool import Spool
 from tests.fixtures.orthanc import Orthanc
+from tests.teleop_rig import rig, wait_for
 
 ROWS, COLUMNS = 120, 160
 EXAM = Exam("PSEUDO-7", "ACC-42", "Doe^Jane")
@@ -117,3 +120,29 @@ async def test_recording_reaches_orthanc_through_the_spool(
     await asyncio.wait_for(delivery.deliver(job), 60)
     assert orthanc.instance_uids(str(ds.SeriesInstanceUID)) == {str(ds.SOPInstanceUID)}
     assert spool.jobs() == []
+
+
+async def test_daemon_recording_is_delivered_to_orthanc_through_its_spool(
+        broker: Mosquitto, orthanc: Orthanc, tmp_path: Path) -> None:
+    """``[manipulator.ultrasound] pacs_file``: record on the simulated robot, stop, and the
+    daemon's own spool delivers the instance (C-STORE)."""
+    pacs = tmp_path / "pacs.toml"
+    pacs.write_text(f'spool_dir = "spool"\n[retry]\ninitial_s = 0.05\n'
+                    f'[destinations.pacs]\nprotocol = "dimse"\nhost = "127.0.0.1"\n'
+                    f'port = {orthanc.dicom_port}\ncalled_ae = "{orthanc.aet}"\n'
+                    f'calling_ae = "MEDGE-US"\ntimeout_s = 10.0\n')
+    section = UltrasoundSection(resolution=(160, 120), live_rate_hz=0.0, pacs_file=pacs,
+                                pacs_destination="pacs", patient_id="PSEUDO-9")
+    async with rig(broker.port, tmp_path / "state", ultrasound=section) as r:
+        svc = r.daemon.ultrasound
+        assert svc is not None
+        svc.start_recording("manual")
+        recording = svc.recording
+        assert recording is not None
+        await wait_for(lambda: len(recording.frames) >= 5)
+        path = await svc.stop_recording()
+        ds = us_dicom.load(path)
+        await wait_for(lambda: orthanc.instance_uids(str(ds.SeriesInstanceUID))
+                       == {str(ds.SOPInstanceUID)}, 60)
+        await wait_for(lambda: not list((tmp_path / "spool").iterdir()), 30)
+    assert ds.PatientID == "PSEUDO-9"
