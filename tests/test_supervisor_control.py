@@ -215,3 +215,23 @@ async def test_unplugged_servo_bus_latches_estop() -> None:
             faults.disconnect()  # the USB adapter is pulled out mid-motion
             await wait_for(lambda: Reason.ESTOP_SERVO_LINK in m.status_reasons())
         assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_LINK
+
+
+async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset() -> None:
+    """If the daemon's loop stalls past the servos' watchdog, the servos stop and ignore goals:
+    the daemon must latch an E-stop instead of believing it is still moving them."""
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.003)
+            time.sleep(WATCHDOG_S * 2)  # the whole event loop hangs, as a blocked daemon would
+            await wait_for(lambda: Reason.ESTOP_SERVO_WATCHDOG in m.status_reasons())
+            assert m.sim.watchdog_trips, "the servos tripped on their own"
+        assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_WATCHDOG
+        async with asyncio.timeout(5):  # refused while the commanded stop still decelerates
+            while not (await m.loop.reset()).granted:
+                await asyncio.sleep(0.05)
+        assert m.loop.arm("alice").granted
+        start_x = m.world.tip_and_axis()[0][0]
+        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)

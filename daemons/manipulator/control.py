@@ -90,6 +90,8 @@ class ControlLoop:
         self._lateness: collections.deque[float] = collections.deque(maxlen=60_000)
         self._cycle_times: collections.deque[float] = collections.deque(maxlen=60_000)
         self._overruns = 0
+        self._last_bus_traffic: float | None = None
+        """When the servos last heard from us (their watchdog counts from there)."""
         self._bus_log = StateLog(log, "servo bus")
         self._wake = asyncio.Event()
         self.min_gap_s = self.config.period_s / 4
@@ -109,6 +111,7 @@ class ControlLoop:
         """Enable the servos (watchdog armed) and start the supervisor from where they stand."""
         await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
+        self._last_bus_traffic = self.clock()
         self._supervisor = Supervisor(self.kinematics, self.measured_joints(), self.config,
                                       clock=self.clock)
 
@@ -116,10 +119,13 @@ class ControlLoop:
         """Read all states, run the supervisor, write all goals."""
         started = self.clock()
         supervisor = self.supervisor
+        self._check_watchdog_gap(started)
         try:
             self.last_states = await self.servos.read_states()
         except DynamixelError as exc:
             self._bus_failed(exc)
+        else:
+            self._last_bus_traffic = self.clock()
         output = supervisor.step(self.force_source(), [s.hardware_error for s in self.last_states])
         try:
             await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
@@ -132,6 +138,15 @@ class ControlLoop:
         for listener in self.listeners:
             listener(output, self.last_states)
         return output
+
+    def _check_watchdog_gap(self, now: float) -> None:
+        """A gap in our bus traffic longer than (nearly) the servos' watchdog means they have
+        tripped: they stopped on their own and ignore goals until re-enabled (a reset)."""
+        last = self._last_bus_traffic
+        if self.watchdog_s and last is not None and now - last > self.watchdog_s * 0.8:
+            log.error("servo watchdog gap", silent_s=round(now - last, 3),
+                      watchdog_s=self.watchdog_s)
+            self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
 
     def _bus_failed(self, error: DynamixelError) -> None:
         """The bus is the robot's only brake we control: losing it latches the E-stop."""
@@ -203,10 +218,12 @@ class ControlLoop:
         self.supervisor.estop(reason)
 
     async def reset(self) -> Decision:
-        """Clear an E-stop: reboot servos with a latched hardware error, re-enable, then reset."""
-        if await self.servos.clear_faults():
-            await self.servos.enable(watchdog_s=self.watchdog_s)
+        """Clear an E-stop: reboot servos with a latched hardware error, re-enable (which also
+        clears a tripped bus watchdog), then reset."""
+        await self.servos.clear_faults()
+        await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
+        self._last_bus_traffic = self.clock()
         faults = [s.hardware_error for s in self.last_states]
         decision = self.supervisor.reset(self.measured_joints(), faults)
         log.info("reset", granted=decision.granted, reason=decision.reason.value)

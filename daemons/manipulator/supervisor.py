@@ -84,11 +84,14 @@ class Reason(enum.Enum):
     ESTOP_LOCAL = "estop_local"
     ESTOP_SERVO_FAULT = "estop_servo_fault"
     ESTOP_SERVO_LINK = "estop_servo_link"
+    ESTOP_SERVO_WATCHDOG = "estop_servo_watchdog"
+    """The host was silent on the bus longer than the servos' watchdog: they stopped and ignore
+    goals until re-enabled, so the daemon must not believe it is still moving them."""
     SERVO_FAULT_PRESENT = "servo_fault_present"
 
 
 ESTOP_REASONS = frozenset({Reason.ESTOP_COMMAND, Reason.ESTOP_LOCAL, Reason.ESTOP_SERVO_FAULT,
-                           Reason.ESTOP_SERVO_LINK})
+                           Reason.ESTOP_SERVO_LINK, Reason.ESTOP_SERVO_WATCHDOG})
 
 
 @dataclass(frozen=True)
