@@ -12,6 +12,7 @@ from daemons.manipulator.kinematics import HolderKinematics, ProbePose, Twist
 from daemons.manipulator.registration import (
     DEFAULT_VIEWS,
     Registration,
+    RegistrationResult,
     RegistrationSection,
     gripper_to_base,
     rotation_angle_deg,
@@ -28,15 +29,16 @@ BRISK = SupervisorConfig(pose_gain=6.0, max_linear_speed=0.1, max_angular_speed=
                          max_missed_setpoints=100)
 """Approach the views briskly, and tolerate the event-loop stalls of a shared 2-core test
 machine while images are rendered in this same process (freshness has its own tests)."""
-PATIENT_RIG = {"supervisor": BRISK, "watchdog_s": 1.0}
+PATIENT_WATCHDOG_S = 1.0
 LIMIT_MM, LIMIT_DEG = 2.0, 0.5
 
 
-def views_without_the_robot(camera_options: dict[str, float]) -> tuple[Registration,
-                                                                       VirtualRgbdCamera]:
+def views_without_the_robot(
+    shake_m: float = 0.0, shake_deg: float = 0.0,
+) -> tuple[VirtualRgbdCamera, RegistrationResult]:
     """Pose the simulated holder directly (no daemon) and solve: the solver on its own."""
     angles = [0.0] * 5
-    camera = VirtualRgbdCamera(lambda: angles, seed=7, **camera_options)
+    camera = VirtualRgbdCamera(lambda: angles, seed=7, shake_m=shake_m, shake_deg=shake_deg)
     registration = Registration(RegistrationSection(camera="simulated"), camera, KINEMATICS)
     grippers, boards = [], []
     for view in registration.section.views:
@@ -46,8 +48,7 @@ def views_without_the_robot(camera_options: dict[str, float]) -> tuple[Registrat
         assert board is not None, f"board not visible from {view}"
         grippers.append(gripper_to_base(pose))
         boards.append(board)
-    result = registration.solve(grippers, boards)
-    return registration, camera, result  # type: ignore[return-value]
+    return camera, registration.solve(grippers, boards)
 
 
 def camera_error(cam_to_base: tuple[np.ndarray, np.ndarray],
@@ -57,7 +58,7 @@ def camera_error(cam_to_base: tuple[np.ndarray, np.ndarray],
 
 
 def test_solver_recovers_the_camera_within_2_mm_and_half_a_degree() -> None:
-    _, camera, result = views_without_the_robot({})  # type: ignore[misc]
+    camera, result = views_without_the_robot()
     assert result.accepted and result.views == 9
     assert result.residual_mm < LIMIT_MM and result.residual_deg < LIMIT_DEG
     mm, deg = camera_error(result.cam_to_base, camera)
@@ -66,7 +67,7 @@ def test_solver_recovers_the_camera_within_2_mm_and_half_a_degree() -> None:
 
 def test_inconsistent_views_are_refused() -> None:
     """A loose camera mount (3 mm / 0.6° shake per frame): views disagree, residual too big."""
-    _, _, result = views_without_the_robot({"shake_m": 0.003, "shake_deg": 0.6})  # type: ignore[misc]
+    _, result = views_without_the_robot(shake_m=0.003, shake_deg=0.6)
     assert not result.accepted
     assert result.residual_mm > LIMIT_MM or result.residual_deg > LIMIT_DEG
 
@@ -85,7 +86,7 @@ async def test_registration_end_to_end_drives_the_robot_and_exposes_the_surface(
     saved = tmp_path / "registration.json"
     async with rig(broker.port, tmp_path,
                    registration=RegistrationSection(camera="simulated", state_file=saved),
-                   **PATIENT_RIG) as r, \
+                   supervisor=BRISK, watchdog_s=PATIENT_WATCHDOG_S) as r, \
             r.operator("alice") as alice:
         refused = await alice.surface()
         assert (refused.ok, refused.reason) == (False, "not_registered")
@@ -119,7 +120,7 @@ async def test_registration_needs_the_deadman_and_keeps_the_old_one_when_refused
         broker: Mosquitto, tmp_path: Path) -> None:
     async with rig(broker.port, tmp_path, camera_options={"shake_m": 0.004, "shake_deg": 0.8,
                                                           "seed": 3},
-                   **PATIENT_RIG) as r, \
+                   supervisor=BRISK, watchdog_s=PATIENT_WATCHDOG_S) as r, \
             r.operator("alice") as alice:
         await alice.arm()
         alice.command(False)  # dead-man not held: the daemon may not move the robot
