@@ -70,7 +70,7 @@ def test_job_state_survives_a_round_trip_through_the_store(tmp_path: Path) -> No
                                               set()))
     state.plan = [(0.0, 0.0), (144.0, 0.0)]
     state.tiles[1] = TileRecord(1, 144.0, 0.0, -5000.0, "ab" * 32)
-    state.focus = {"plane": {"c0": -5000.0, "cx": 0.0, "cy": 0.0}}
+    state.focus = {"degree": 0, "points": [[0.0, 0.0, -5000.0]], "residuals_um": [0.0]}
     store.save(state)
     loaded = store.load(state.id)
     assert loaded == state
@@ -137,22 +137,6 @@ def test_the_plan_respects_a_given_area_and_the_margin() -> None:
     with_margin = scan.plan_tiles(tissue, 10.0, geometry, 200.0, area_um=(0, 0, 300, 300))
     assert with_margin and all(x + 100 <= 300 + 90 and y + 100 <= 300 + 90
                                for x, y in with_margin)
-
-
-def test_a_plane_is_recovered_from_focus_points() -> None:
-    truth = scan.FocusPlane(-5000.0, 0.0008, -0.0005)
-    points = [(x, y, truth.z_at(x, y)) for x, y in ((0, 0), (2000, 0), (0, 1500), (900, 700))]
-    fitted = scan.FocusPlane.fit(points)
-    for x, y, z in points:
-        assert fitted.z_at(x, y) == pytest.approx(z, abs=1e-6)
-    assert scan.FocusPlane.fit(points[:2]).cx == 0.0
-
-
-def test_best_focus_interpolates_the_peak() -> None:
-    zs = [-10.0, -5.0, 0.0, 5.0, 10.0]
-    scores = [-(z - 1.5) ** 2 + 100 for z in zs]
-    assert scan.best_focus(zs, scores) == pytest.approx(1.5)
-    assert scan.best_focus(zs, [5, 4, 3, 2, 1]) == -10.0
 
 
 def test_focus_points_are_spread_and_unique() -> None:
@@ -223,7 +207,7 @@ def test_report_is_json_serialisable_and_renders() -> None:
     state = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()), status="done")
     state.plan = [(0.0, 0.0)]
     state.tiles[0] = TileRecord(0, 0.0, 0.0, 0.0, "00")
-    state.focus = {"residuals_um": [0.2, -0.4], "plane": {"c0": 1.0, "cx": 0.0, "cy": 0.0}}
+    state.focus = {"residuals_um": [0.2, -0.4], "rms_residual_um": 0.32, "degree": 1}
     state.timings = {"acquire": 1.25, "focus": 2.0}
     built = report.build(state, {"ok": False, "errors": 1, "findings": [
         {"file": "x", "check": "dciodvfy", "message": "bad", "fatal": True}]},

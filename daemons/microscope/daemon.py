@@ -33,6 +33,13 @@ from paho.mqtt.properties import Properties
 
 from daemons.microscope import report as reports
 from daemons.microscope import scan
+from daemons.microscope.autofocus import (
+    AutofocusSettings,
+    FocusFailed,
+    grey_thumbnail,
+    laplacian_variance,
+)
+from daemons.microscope.focusmap import build_focus_map, fit_surface
 from daemons.microscope.jobs import (
     PHASES,
     JobError,
@@ -71,6 +78,8 @@ MB = 1024 * 1024
 MAX_STAGE_RECOVERIES = 2
 STATE_SYNC_S = 2.0
 PNG_RATIO = 0.8
+FLAT_FRAME_SHARPNESS = 1e-5
+"""Exposure-normalised Laplacian variance below which a tile is flagged as featureless."""
 """Losslessly compressed tile size / raw size, for the disk estimate (H&E compresses poorly)."""
 
 
@@ -375,58 +384,72 @@ class Microscope:
             log.info("homing before the scan (position unknown)")
             await stage.home()
 
+    def _autofocus_settings(self, objective: Objective) -> AutofocusSettings:
+        """Steps scaled to the objective's depth of field; the first window spans
+        ±``focus_range_um`` (further windows follow a peak beyond it)."""
+        return AutofocusSettings.for_objective(objective, range_um=2 * self.cfg.focus_range_um,
+                                               min_peak_ratio=self.cfg.focus_min_contrast)
+
     async def _phase_focus(self, job: JobState) -> None:
+        """Autofocus at tiles spread over the plan (tile positions: field top-left, slide µm)
+        and fit the focus surface (daemons/microscope/focusmap.py)."""
         self.rig.use(self._objective(job))
         await self._ensure_homed()
         objective = self._objective(job)
-        motion = self._motion()
-        field_w, field_h = self._geometry(job).field_um
-        points: list[tuple[float, float, float]] = []
-        contrasts = []
-        for index in scan.focus_points(job.plan, self.cfg.focus_points):
-            self._check_cancel(job)
-            x, y = job.plan[index]
-            z, contrast = await scan.measure_focus(
-                motion, x, y, self.cfg.stage.focus_guess_z_um, self.cfg.focus_range_um,
-                objective.depth_of_field_um, self.cfg.focus_min_contrast)
-            points.append((x + field_w / 2, y + field_h / 2, z))
-            contrasts.append(contrast)
-        plane = scan.FocusPlane.fit(points)
-        job.focus = {"plane": plane.to_json(), "points": [list(p) for p in points],
-                     "contrast": contrasts,
-                     "residuals_um": [round(z - plane.z_at(x, y), 3) for x, y, z in points],
-                     "tolerance_um": objective.focus_tolerance_um}
+        candidates = [job.plan[i] for i in scan.focus_points(job.plan, self.cfg.focus_points)]
+        try:
+            result = await build_focus_map(self._motion(), candidates,
+                                           self.cfg.stage.focus_guess_z_um,
+                                           self._autofocus_settings(objective))
+        except FocusFailed:
+            raise scan.ScanError(
+                f"blank focus: no sharpness peak at any of {len(candidates)} focus points within"
+                f" ±{self.cfg.focus_range_um:.0f} µm of z={self.cfg.stage.focus_guess_z_um:.0f}"
+                " µm and beyond; check the slide is seated and the scan area covers tissue"
+            ) from None
+        surface = result.surface
+        job.focus = {"degree": surface.degree,
+                     "points": [[round(float(v), 3) for v in p] for p in surface.points],
+                     "residuals_um": [round(float(r), 3) for r in surface.residuals_um],
+                     "outliers": [i for i, inlier in enumerate(surface.inliers) if not inlier],
+                     "rms_residual_um": round(surface.rms_residual_um, 3),
+                     "failed": [[p.x_um, p.y_um, p.reason] for p in result.points
+                                if p.z_um is None],
+                     "frames": result.frames, "tolerance_um": objective.focus_tolerance_um}
 
     def _motion(self) -> scan.Motion:
         origin = self.cfg.stage.slide_origin_um
         return scan.Motion(self.rig.stage, self.rig.camera, (origin[0], origin[1]))
 
     async def _phase_acquire(self, job: JobState) -> None:
-        self.rig.use(self._objective(job))
+        self.rig.use(self._objective(job), acquiring=True)
         await self._ensure_homed()
         tiles_dir = self._dir(job) / "tiles"
         tiles_dir.mkdir(exist_ok=True)
         if bad := await asyncio.to_thread(scan.verify_tiles, job, tiles_dir):
             log.warning("tiles missing or damaged on disk; re-capturing", tiles=bad)
-        plane = job.focus["plane"]
-        field_w, field_h = self._geometry(job).field_um
-        # The plane was fitted at field centres; tiles are addressed by their top-left corner.
-        focus = scan.FocusPlane(plane["c0"] + plane["cx"] * field_w / 2
-                                + plane["cy"] * field_h / 2, plane["cx"], plane["cy"])
+        # Refitting the stored points gives the focus phase's surface again (the fit is
+        # deterministic), so a resumed job focuses exactly as before.
+        surface = fit_surface([tuple(p) for p in job.focus["points"]],
+                              degree=job.focus["degree"])
+
+        def focus_z(x: float, y: float) -> float:
+            return float(surface.predict(x, y))
+
         self._progress = Progress(done_at_start=len(job.tiles))
 
         async def store(index: int, frame: RgbImage, where: tuple[float, float, float]) -> None:
             digest = await asyncio.to_thread(scan.save_tile, scan.tile_path(tiles_dir, index),
                                              frame)
             job.tiles[index] = TileRecord(index, *where, sha256=digest)
-            if scan.sharpness(frame) < 1.0:
+            if laplacian_variance(grey_thumbnail(frame)) < FLAT_FRAME_SHARPNESS:
                 job.plan_info.setdefault("flagged", []).append(index)
             if len(job.tiles) % self.cfg.disk_check_every == 0:
                 self._check_disk(0.0)
             await self._save(job)
             self._check_cancel(job)
 
-        await scan.acquire(self._motion(), job, focus, self.cfg.buffer_tiles, store)
+        await scan.acquire(self._motion(), job, focus_z, self.cfg.buffer_tiles, store)
 
     async def _phase_stitch(self, job: JobState) -> None:
         """Register the overlaps, place and compose (daemons/microscope/wsi/pipeline.py); the
@@ -538,8 +561,10 @@ class Microscope:
         exposure_s = self.cfg.camera.exposure_ms / 1000
         motion_s = sum(rapid_move_s(XYZ((b[0] - a[0]) / 1000, (b[1] - a[1]) / 1000, 0.0),
                                     rates, accels) for a, b in itertools.pairwise(plan))
-        sweep = (2 * self.cfg.focus_range_um / (4 * objective.depth_of_field_um) + 1) + 9
-        z_step_s = rapid_move_s(XYZ(0.0, 0.0, objective.depth_of_field_um / 1000), rates, accels)
+        autofocus = self._autofocus_settings(objective)
+        # One coarse window, a fine sweep of three, the tissue check and the final approach.
+        sweep = autofocus.range_um / autofocus.coarse_step_um + 1 + 5
+        z_step_s = rapid_move_s(XYZ(0.0, 0.0, autofocus.coarse_step_um / 1000), rates, accels)
         focus_s = min(len(plan), self.cfg.focus_points) * sweep * (z_step_s + exposure_s)
         raw = self.cfg.camera.width * self.cfg.camera.height * 3
         geometry = scan.Geometry(objective.um_per_px, self.cfg.camera.width,

@@ -140,7 +140,7 @@ class JobState:
     """Tile top-left positions on the slide, µm, in acquisition (serpentine) order."""
     plan_info: dict[str, Any] = field(default_factory=dict)
     focus: dict[str, Any] = field(default_factory=dict)
-    """Focus map: plane coefficients, measured points and residuals."""
+    """Focus map: surface degree, measured points (tile positions) and their residuals."""
     tiles: dict[int, TileRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per phase (summed over resumes)."""

@@ -44,7 +44,11 @@ def build(state: JobState, validation: dict[str, Any], stitching: dict[str, Any]
                   "flagged": flagged},
         "focus": {"points": len(residuals),
                   "max_abs_residual_um": max((abs(r) for r in residuals), default=0.0),
-                  "residuals_um": residuals, "plane": state.focus.get("plane")},
+                  "residuals_um": residuals,
+                  "rms_residual_um": state.focus.get("rms_residual_um", 0.0),
+                  "outliers": state.focus.get("outliers", []),
+                  "surface_degree": state.focus.get("degree"),
+                  "failed_points": state.focus.get("failed", [])},
         "stitching": stitching,
         "validation": validation,
         "delivery": state.delivery or "none",
@@ -67,7 +71,8 @@ def render(report: dict[str, Any]) -> str:
         f"  objective {report['objective']}  status {report['status']}",
         f"tiles: {tiles['planned']} planned, {tiles['captured']} captured,"
         f" {len(tiles['flagged'])} flagged",
-        f"focus: {focus['points']} points, max residual {focus['max_abs_residual_um']:.2f} µm",
+        f"focus: {focus['points']} points, max residual {focus['max_abs_residual_um']:.2f} µm,"
+        f" RMS {focus['rms_residual_um']:.2f} µm, {len(focus['outliers'])} outlier(s)",
         f"stitching: {stitching.get('placement', '-')}, residual"
         f" {stitching.get('residual_px', 0.0):.2f} px, rejected pairs"
         f" {stitching.get('rejected_pairs', 0)}",

@@ -3,7 +3,8 @@
 ``port = "sim"`` / ``device = "sim"`` build the simulated rig inside the daemon: the GRBL
 simulator served on a loopback TCP port and driven by the real :class:`GrblStage` driver over
 that socket (so the wire protocol is exercised), and cameras that render a virtual slide at the
-simulated carriage's *true* position, defocused by its distance from a tilted focal plane. A
+simulated carriage's *true* position (the shared :class:`VirtualSlideCamera`: defocus from a
+tilted, optionally curved focal surface, vignetting, sensor noise, exposure). A
 real rig uses the serial port and UVC cameras unchanged.
 """
 
@@ -13,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -22,6 +23,7 @@ import numpy as np
 from daemons.microscope.optics import Objective
 from drivers.camera import Camera, CameraError, CameraSettings, RgbFrame, UvcCamera
 from drivers.grbl import GrblConfig, GrblStage
+from firmware_sim.camera import FocalSurface, SimOptics, VirtualSlideCamera
 from firmware_sim.grbl import serve
 from firmware_sim.grbl_machine import GrblMachine
 from firmware_sim.link import Endpoint, SimulatorServer
@@ -31,7 +33,6 @@ from medge.config import ConfigError, bounds, load
 SIM = "sim"
 TEST_SLIDE_SIZE_PX = (3200, 2400)
 TEST_SLIDE_UM_PER_PX = 1.0
-MAX_BLUR_SIGMA_PX = 25.0
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,21 @@ class SimulatorSection:
     focal_tilt_um_per_mm: tuple[float, ...] = field(default=(0.8, -0.5),
                                                     metadata=bounds(min=2, max=2))
     """The slide is never flat: the best focus drifts this much per mm in x and y."""
+    focal_curvature_um_per_mm2: float = 0.0
+    """Bowl of the focal surface around the slide's corner: z grows by this times r² (mm)."""
+    vignetting: float = field(default=0.25, metadata=bounds(min=0, max=0.9))
+    """Tile camera: fractional brightness loss in the frame corners."""
+    read_noise: float = field(default=2.0, metadata=bounds(min=0, max=50))
+    """Tile camera: read noise, grey levels (sigma)."""
+    full_well: float = field(default=4000.0, metadata=bounds(min=0))
+    """Tile camera: electrons at grey level 255 (shot noise); 0: no shot noise."""
     fault_reset_after_captures: int = field(default=0, metadata=bounds(min=0))
-    """Fault for tests: the controller reboots (alarm, position lost) after this many tile-camera
-    frames; 0: never."""
+    """Fault for tests: the controller reboots (alarm, position lost) after this many frames of
+    acquisition (focus frames do not count); 0: never."""
     fault_alarm_after_captures: int = field(default=0, metadata=bounds(min=0))
     """Fault for tests: the controller raises a limit alarm (ALARM:2, locked until reset)."""
     fault_camera_lost_after_captures: int = field(default=0, metadata=bounds(min=0))
-    """Fault for tests: the tile camera drops off USB after this many frames; 0: never."""
+    """Fault for tests: the tile camera drops off USB after this many acquisition frames."""
 
 
 @dataclass(frozen=True)
@@ -173,58 +182,38 @@ def make_slide(section: SimulatorSection) -> Slide:
     return ImageSlide.from_file(Path(section.slide), section.slide_um_per_px)
 
 
-class SlideCamera(Camera):
-    """A camera looking at a virtual slide through the simulated stage.
+class RigCamera(VirtualSlideCamera):
+    """The shared virtual camera plus the simulated rig's fault injection (a camera lost from
+    USB, controller faults) counted in acquisition frames, so a test can place a fault at a
+    given tile whatever the focus search took."""
 
-    ``view()`` gives the slide point at the field's top-left (µm) and the stage z; ``focal_z``
-    the best-focus z at a slide point. The blur grows with defocus over the depth of field.
-    """
-
-    def __init__(self, name: str, slide: Slide, objective: Objective,
-                 view: Callable[[], tuple[float, float, float]],
-                 focal_z: Callable[[float, float], float] | None = None,
-                 settings: CameraSettings | None = None) -> None:
-        super().__init__(name, settings)
-        self.slide = slide
-        self.objective = objective
-        self.view = view
-        self.focal_z = focal_z
+    def __init__(self, slide: Slide, position_source: Callable[[], tuple[float, float, float]],
+                 optics: SimOptics, settings: CameraSettings, seed: int) -> None:
+        super().__init__(slide, position_source, optics, settings, seed, name="tiles")
         self.unplugged = False
-        """Fault injection: captures fail as with a camera lost from USB."""
-        self.captures = 0
+        self.counting = False
+        """True during acquisition: only those frames advance ``acquired``."""
+        self.acquired = 0
         self.on_exposed: Callable[[], None] = lambda: None
         """Called (worker thread) when the exposure ends, before readout: the stage may move."""
-        self.on_capture: Callable[[int], None] = lambda count: None
-        """Called (worker thread) after each frame with the number taken so far."""
-
-    def _do_open(self) -> None:
-        pass
-
-    def _do_configure(self, settings: CameraSettings) -> None:
-        pass
+        self.on_acquired: Callable[[int], None] = lambda count: None
+        """Called (worker thread) after each acquisition frame with the number taken so far."""
 
     def _do_capture(self) -> RgbFrame:
+        """Expose at the stage position, signal the end of the exposure (a camera's strobe
+        output), then read out: the scan moves the stage on while the frame is rendered."""
         if self.unplugged:
             raise CameraError(f"camera {self.name}: device disappeared from USB")
-        time.sleep(self.settings.exposure_ms / 1000)  # the sensor integrates at the position
-        left, top, z = self.view()
+        x_um, y_um, z_um = self.position_source()
+        time.sleep(self.settings.exposure_ms / 1000)
         self.on_exposed()
-        width, height = self.settings.resolution
-        um_per_px = self.objective.um_per_px
-        frame = self.slide.render(left, top, width, height, um_per_px)
-        self.captures += 1
-        self.on_capture(self.captures)
-        if self.focal_z is None:
-            return frame
-        defocus = z - self.focal_z(left + width * um_per_px / 2, top + height * um_per_px / 2)
-        # Far out of focus the image is featureless anyway; the cap keeps the blur cheap.
-        sigma = min(abs(defocus) / self.objective.depth_of_field_um, MAX_BLUR_SIGMA_PX)
-        if sigma > 0.2:
-            frame = np.asarray(cv2.GaussianBlur(frame, (0, 0), sigma), np.uint8)
+        with self._lock:
+            frame = self.render(x_um, y_um, z_um)
+        self.frames_captured += 1
+        if self.counting:
+            self.acquired += 1
+            self.on_acquired(self.acquired)
         return frame
-
-    def _do_close(self) -> None:
-        pass
 
 
 @dataclass
@@ -245,10 +234,13 @@ class Rig:
         await self.camera.open()
         await self.overview.open()
 
-    def use(self, objective: Objective) -> None:
-        """The objective of the next scan (a real turret is set by the technician)."""
-        if isinstance(self.camera, SlideCamera):
-            self.camera.objective = objective
+    def use(self, objective: Objective, acquiring: bool = False) -> None:
+        """The objective of the next phase (a real turret is set by the technician);
+        ``acquiring`` tells the simulated camera's fault injection that tiles are being taken."""
+        if isinstance(self.camera, RigCamera):
+            self.camera.optics = replace(self.camera.optics, um_per_px=objective.um_per_px,
+                                         numerical_aperture=objective.numerical_aperture)
+            self.camera.counting = acquiring
 
     async def close(self) -> None:
         await self.overview.close()
@@ -272,21 +264,20 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
     slide = make_slide(simulator)
     origin_x, origin_y = stage.slide_origin_um
     tilt_x, tilt_y = simulator.focal_tilt_um_per_mm
+    surface = FocalSurface(simulator.focal_plane_z_um, (0.0, 0.0), tilt_x / 1000, tilt_y / 1000,
+                           simulator.focal_curvature_um_per_mm2 / 1e6)
+    optics = SimOptics(objective.um_per_px, objective.numerical_aperture, surface,
+                       simulator.vignetting, simulator.read_noise, simulator.full_well)
 
-    def carriage_on_slide() -> tuple[float, float, float]:
+    def field_centre_on_slide() -> tuple[float, float, float]:
+        """Stage positions address the field's top-left corner; the camera wants its centre."""
         x, y, z = machine.true_position_um()
-        return x - origin_x, y - origin_y, z
+        width, height = tiles.settings.resolution
+        half = tiles.optics.um_per_px / 2
+        return x - origin_x + width * half, y - origin_y + height * half, z
 
-    def focal_z(x_um: float, y_um: float) -> float:
-        return simulator.focal_plane_z_um + (tilt_x * x_um + tilt_y * y_um) / 1000
-
-    whole = (max(16, math.ceil(slide.width_um / camera.overview_um_per_px)),
-             max(16, math.ceil(slide.height_um / camera.overview_um_per_px)))
-    macro = Objective("macro", 1.0, 0.05, camera.overview_um_per_px)
-    overview = SlideCamera("overview", slide, macro, lambda: (0.0, 0.0, 0.0),
-                           settings=CameraSettings(resolution=whole))
-    label_width = getattr(slide, "label_width_um", 0.0)
-    tiles = SlideCamera("tiles", slide, objective, carriage_on_slide, focal_z, settings)
+    tiles = RigCamera(slide, field_centre_on_slide, optics, settings, simulator.seed)
+    overview = overview_camera(slide, camera.overview_um_per_px)
     loop = asyncio.get_running_loop()
 
     def inject_faults(count: int) -> None:
@@ -297,6 +288,20 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
         if count == simulator.fault_camera_lost_after_captures:
             tiles.unplugged = True
 
-    tiles.on_capture = inject_faults
+    tiles.on_acquired = inject_faults
     return Rig(GrblStage("socket://127.0.0.1:0", grbl), tiles, overview,
-               label_width_um=float(label_width), machine=machine, server=server)
+               label_width_um=float(getattr(slide, "label_width_um", 0.0)), machine=machine,
+               server=server)
+
+
+def overview_camera(slide: Slide, um_per_px: float) -> VirtualSlideCamera:
+    """The macro camera: the whole slide in one frame with its top-left pixel at the slide's
+    corner, always in focus, and clean (no vignetting or noise, which tissue detection would
+    take for stain)."""
+    width = max(16, math.ceil(slide.width_um / um_per_px))
+    height = max(16, math.ceil(slide.height_um / um_per_px))
+    optics = SimOptics(um_per_px, numerical_aperture=0.05, focal_surface=FocalSurface(
+        0.0, (0.0, 0.0), 0.0, 0.0, 0.0), vignetting=0.0, read_noise=0.0, full_well=0.0)
+    centre = (width * um_per_px / 2, height * um_per_px / 2, 0.0)
+    return VirtualSlideCamera(slide, lambda: centre, optics, CameraSettings(
+        resolution=(width, height)), name="overview")

@@ -117,37 +117,6 @@ def _touches(mask: npt.NDArray[np.uint8], um_per_px: float, x: float, y: float, 
 # -- focus -------------------------------------------------------------------------------------
 
 
-def sharpness(frame: RgbImage) -> float:
-    """Variance of the Laplacian of the green channel: peaks at best focus."""
-    green = frame[::2, ::2, 1].astype(np.float32)
-    return float(cv2.Laplacian(green, cv2.CV_32F).var())
-
-
-@dataclass(frozen=True)
-class FocusPlane:
-    """z = c0 + cx·x + cy·y over slide µm, with the residual of each measured point."""
-
-    c0: float
-    cx: float
-    cy: float
-
-    def z_at(self, x: float, y: float) -> float:
-        return self.c0 + self.cx * x + self.cy * y
-
-    @classmethod
-    def fit(cls, points: Sequence[tuple[float, float, float]]) -> FocusPlane:
-        """Least squares through (x, y, z); fewer than three points give a level plane."""
-        zs = np.array([p[2] for p in points])
-        if len(points) < 3:
-            return cls(float(zs.mean()), 0.0, 0.0)
-        design = np.array([[1.0, p[0], p[1]] for p in points])
-        (c0, cx, cy), *_ = np.linalg.lstsq(design, zs, rcond=None)
-        return cls(float(c0), float(cx), float(cy))
-
-    def to_json(self) -> dict[str, float]:
-        return {"c0": self.c0, "cx": self.cx, "cy": self.cy}
-
-
 def focus_points(plan: Sequence[tuple[float, float]], count: int) -> list[int]:
     """Plan indices spread over the tissue: extremes along both axes and diagonals, then the
     tile nearest the centre; duplicates dropped."""
@@ -165,20 +134,6 @@ def focus_points(plan: Sequence[tuple[float, float]], count: int) -> list[int]:
     return chosen[:max(1, count)]
 
 
-def best_focus(zs: Sequence[float], scores: Sequence[float]) -> float:
-    """Vertex of the parabola through the best score and its neighbours (the sampled best at an
-    end of the sweep)."""
-    i = int(np.argmax(scores))
-    if i == 0 or i == len(scores) - 1:
-        return zs[i]
-    z0, z1, z2 = zs[i - 1], zs[i], zs[i + 1]
-    s0, s1, s2 = scores[i - 1], scores[i], scores[i + 1]
-    denominator = s0 - 2 * s1 + s2
-    if denominator >= 0:
-        return z1
-    return z1 + 0.5 * (z2 - z1) * (s0 - s2) / denominator if z2 - z1 == z1 - z0 else z1
-
-
 # -- acquisition -------------------------------------------------------------------------------
 
 
@@ -193,8 +148,14 @@ class Motion:
     async def goto(self, x: float, y: float, z: float) -> None:
         await self.stage.move_to(x + self.origin_um[0], y + self.origin_um[1], z)
 
-    async def shoot(self, x: float, y: float, z: float) -> RgbImage:
-        await self.goto(x, y, z)
+    async def move_xy(self, x: float, y: float) -> None:
+        """Focus-map interface (:class:`~daemons.microscope.focusmap.ScanStage`), slide µm."""
+        await self.stage.move_to(x + self.origin_um[0], y + self.origin_um[1])
+
+    async def move_z(self, z: float) -> None:
+        await self.stage.move_to(z=z)
+
+    async def capture(self) -> RgbImage:
         return await self.camera.capture()
 
     async def expose(self) -> asyncio.Future[RgbImage]:
@@ -221,30 +182,11 @@ class Motion:
         return position.x - self.origin_um[0], position.y - self.origin_um[1], position.z
 
 
-async def measure_focus(motion: Motion, x: float, y: float, guess_z: float, range_um: float,
-                        step_um: float, min_contrast: float) -> tuple[float, float]:
-    """Coarse sweep over ±range then a fine one around the best; (best z, peak/floor contrast).
-
-    Raise ScanError when the sharpness curve has no peak (blank field, or no focus in range).
-    """
-    coarse = [guess_z + d for d in np.arange(-range_um, range_um + 1e-9, 4 * step_um)]
-    scores = [sharpness(await motion.shoot(x, y, z)) for z in coarse]
-    centre = coarse[int(np.argmax(scores))]
-    contrast = max(scores) / max(min(scores), 1e-9)
-    if contrast < min_contrast:
-        raise ScanError(f"blank focus at ({x / 1000:.2f}, {y / 1000:.2f}) mm: no sharpness peak "
-                        f"within ±{range_um:.0f} µm (contrast {contrast:.2f}); check the slide "
-                        "is seated and the scan area covers tissue")
-    fine = [centre + d for d in np.arange(-4 * step_um, 4 * step_um + 1e-9, step_um)]
-    fine_scores = [sharpness(await motion.shoot(x, y, z)) for z in fine]
-    return float(best_focus(fine, fine_scores)), float(contrast)
-
-
 TileSink = Callable[[int, RgbImage, tuple[float, float, float]], Awaitable[None]]
 
 
-async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_tiles: int,
-                  store_tile: TileSink) -> None:
+async def acquire(motion: Motion, state: JobState, focus_z: Callable[[float, float], float],
+                  buffer_tiles: int, store_tile: TileSink) -> None:
     """Capture every planned tile not yet in ``state.tiles``, in plan order, pipelined; each
     is stored with the position the controller reported once the stage stood still.
 
@@ -274,7 +216,7 @@ async def acquire(motion: Motion, state: JobState, focus: FocusPlane, buffer_til
         for index, (x, y) in enumerate(state.plan):
             if index in state.tiles:
                 continue
-            await motion.goto(x, y, focus.z_at(x, y))
+            await motion.goto(x, y, focus_z(x, y))
             frame = await motion.expose()
             await hand_over((index, frame, motion.reported()))
     finally:
