@@ -215,6 +215,7 @@ def test_report_is_json_serialisable_and_renders() -> None:
     json.dumps(built)
     text = report.render(built)
     assert "1 planned, 1 captured" in text and "max residual 0.40 µm" in text
+    assert "RMS 0.32 µm, 0 outlier(s)" in text
     assert "FAILED (1 error(s))" in text and "rejected pairs 2" in text
     assert list(built["timings_s"]) == ["focus", "acquire"]
 
