@@ -147,7 +147,6 @@ class MqttLink:
         topics: Topics,
         daemon: str,
         *,
-        max_inflight: int = 100,
         publish_timeout: float = 10.0,
     ) -> None:
         self.cfg = cfg
@@ -155,7 +154,6 @@ class MqttLink:
         self.daemon = daemon
         self.client_id = cfg.client_id or f"medge-{topics.node}-{daemon}"
         self.status_topic = topics.topic(daemon, "status")
-        self.max_inflight = max_inflight
         self.publish_timeout = publish_timeout
         self.connected = asyncio.Event()
         self.connections = 0
@@ -264,7 +262,9 @@ class MqttLink:
             will=aiomqtt.Will(self.status_topic, status_payload("offline"), qos=1, retain=True,
                               properties=will_properties),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            max_inflight_messages=self.max_inflight,
+            # Unlimited in paho: the publisher keeps its own window, and paho's limit costs a scan
+            # of every queued message on each PUBACK.
+            max_inflight_messages=0,
             timeout=self.cfg.connect_timeout,
         )
 

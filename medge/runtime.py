@@ -31,7 +31,7 @@ class Runtime:
         self.cfg = cfg
         self.daemon = daemon
         self.topics = Topics(cfg.node.site, cfg.node.node)
-        self.link = MqttLink(cfg.mqtt, self.topics, daemon, max_inflight=cfg.outbox.max_inflight)
+        self.link = MqttLink(cfg.mqtt, self.topics, daemon)
         self.outbox = Outbox(cfg.node.state_dir / f"{daemon}-outbox.sqlite3", cfg.outbox,
                              self.topics, on_pressure=self._on_pressure)
         self.publisher = Publisher(self.outbox, self.link, max_inflight=cfg.outbox.max_inflight)
