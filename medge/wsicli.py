@@ -75,12 +75,9 @@ def run_build(args: argparse.Namespace) -> int:
 
     if not args.tiles_dir.is_dir():
         return _fail(f"{args.tiles_dir}: not a directory", EXIT_USAGE)
-    try:
-        from daemons.microscope.wsi.pipeline import (  # type: ignore[import-not-found,unused-ignore]
-            build_pyramid,
-        )
-    except ImportError as exc:
-        return _fail(f"the stitching pipeline is not available: {exc}")
+    from daemons.microscope.wsi.pipeline import build_pyramid
+    from daemons.microscope.wsi.scanfolder import ScanFolderError
+
     metadata = SlideMetadata(
         patient_id=args.patient_id, patient_name=args.patient_name,
         accession_number=args.accession, barcode=args.barcode or args.tiles_dir.name,
@@ -91,8 +88,10 @@ def run_build(args: argparse.Namespace) -> int:
     work_dir = args.out / ".work"
     started = time.monotonic()
     try:
-        levels = list(build_pyramid(args.tiles_dir, work_dir))
-        written = write_series(levels, metadata, args.out, options)
+        built = build_pyramid(args.tiles_dir, work_dir)
+        written = write_series(built.levels, metadata, args.out, options)
+    except ScanFolderError as exc:
+        return _fail(f"{exc}", EXIT_USAGE)
     except (DicomWriteError, OSError, ValueError) as exc:
         return _fail(f"build failed: {exc}")
     finally:

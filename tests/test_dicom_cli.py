@@ -10,6 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from daemons.microscope.wsi.model import PyramidLevel
+from daemons.microscope.wsi.synthetic import ScanSpec, write_scan
 from medge.cli import main
 from medge.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from tests.fixtures.broker import free_port
@@ -23,10 +24,11 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path]]:
     """Stands in for the stitching pipeline: records its arguments, returns a known pyramid."""
     calls: list[tuple[Path, Path]] = []
 
-    def build_pyramid(tiles_dir: Path, work_dir: Path) -> list[PyramidLevel]:
+    def build_pyramid(tiles_dir: Path, work_dir: Path) -> types.SimpleNamespace:
         calls.append((tiles_dir, work_dir))
         work_dir.mkdir(parents=True)
-        return list(pyramid(synthetic_slide(700, 500), tile_size=256))
+        levels: list[PyramidLevel] = list(pyramid(synthetic_slide(700, 500), tile_size=256))
+        return types.SimpleNamespace(levels=levels)
 
     module = types.ModuleType("daemons.microscope.wsi.pipeline")
     module.build_pyramid = build_pyramid  # type: ignore[attr-defined]
@@ -52,6 +54,30 @@ def test_build_then_validate(fake_pipeline: list[tuple[Path, Path]], tmp_path: P
     capsys.readouterr()
     assert main(["wsi", "validate", str(out)]) == EXIT_OK
     assert "5 instance(s) checked: ok" in capsys.readouterr().out
+
+
+def test_build_from_a_real_tiles_folder_stitches_writes_and_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No stand-in: the stitching pipeline on a synthetic scan, then the writer and validators."""
+    write_scan(tmp_path / "SLIDE-9", ScanSpec(rows=3, cols=3, tile_width=320, tile_height=240))
+    out = tmp_path / "dicom"
+    status = main(["wsi", "build", str(tmp_path / "SLIDE-9"), "--out", str(out),
+                   "--patient-id", "PSEUDO-9", "--accession", "ACC-9"])
+    assert status == EXIT_OK, capsys.readouterr().err
+    base = dcmread(out / "level-0.dcm", stop_before_pixels=True)
+    assert base.TotalPixelMatrixColumns > 2 * 320 and base.TotalPixelMatrixRows > 2 * 240
+    capsys.readouterr()
+    assert main(["wsi", "validate", str(out)]) == EXIT_OK, capsys.readouterr().err
+
+
+def test_build_refuses_a_folder_without_positions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tiles").mkdir()
+    status = main(["wsi", "build", str(tmp_path / "tiles"), "--out", str(tmp_path / "o")])
+    assert status == EXIT_USAGE
+    assert "scan.json: cannot read" in capsys.readouterr().err
 
 
 def test_build_lossless(fake_pipeline: list[tuple[Path, Path]], tmp_path: Path) -> None:

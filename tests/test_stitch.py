@@ -145,7 +145,7 @@ def test_pyramid_levels_and_tiles(tmp_path: Path) -> None:
     halved = cv2.resize(padded0, (image1.shape[1], image1.shape[0]), interpolation=cv2.INTER_AREA)
     assert np.abs(halved.astype(int) - image1).max() <= 1
     reopened = open_pyramid(tmp_path / "work")
-    assert reopened == levels == list(result)
+    assert reopened == levels == result.levels
 
 
 def test_composition_matches_the_slide(tmp_path: Path) -> None:

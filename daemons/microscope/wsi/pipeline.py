@@ -7,7 +7,6 @@ DICOM writer consumes ``BuildResult.levels``. Input format and memory bound: doc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +66,6 @@ class BuildResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     """Seconds per phase: register, place, compose, pyramid."""
     camera_tile_reads: int = 0
-
-    def __iter__(self) -> Iterator[DiskLevel]:
-        """The levels, base first, so callers that only want the pyramid can iterate."""
-        return iter(self.levels)
 
 
 def build_pyramid(
