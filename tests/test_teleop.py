@@ -16,11 +16,20 @@ from paho.mqtt.properties import Properties
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.supervisor import SupervisorConfig
 from medge.localbroker import Mosquitto
-from tests.teleop_rig import rig, wait_for
+from medge.teleop import TeleopClient
+from tests.teleop_rig import Rig, rig, wait_for
 
 RIGHT = Twist((0.02, 0.0, 0.0), (0.0, 0.0, 0.0))
 STOP_BUDGET_S = SupervisorConfig().stale_s + SupervisorConfig().stopping_time()
 
+
+
+async def drive_right(r: Rig, alice: TeleopClient) -> None:
+    """Arm, hold the dead-man and stream a move along +x until the probe has moved 5 mm."""
+    await alice.arm()
+    alice.command(True, RIGHT)
+    await alice.start_stream(100)
+    await wait_for(lambda: r.tip()[0] > 0.005)
 
 async def test_arm_and_setpoints_move_the_robot_and_state_reports_it(
         broker: Mosquitto, tmp_path: Path) -> None:
@@ -43,10 +52,7 @@ async def test_arm_and_setpoints_move_the_robot_and_state_reports_it(
 async def test_setpoints_stopping_is_a_controlled_stop_then_the_lease_lapses(
         broker: Mosquitto, tmp_path: Path) -> None:
     async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
-        await alice.arm()
-        alice.command(True, RIGHT)
-        await alice.start_stream(100)
-        await wait_for(lambda: r.tip()[0] > 0.005)
+        await drive_right(r, alice)
         await alice.stop_stream()  # silence: no release message
         silent_at = r.sim.clock()
         state = await alice.wait_state(lambda s: "command_stale" in s["reasons"]
@@ -62,10 +68,7 @@ async def test_setpoints_stopping_is_a_controlled_stop_then_the_lease_lapses(
 async def test_broker_stopping_mid_motion_stops_the_robot(
         broker: Mosquitto, tmp_path: Path) -> None:
     async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
-        await alice.arm()
-        alice.command(True, RIGHT)
-        await alice.start_stream(100)
-        await wait_for(lambda: r.tip()[0] > 0.005)
+        await drive_right(r, alice)
         cut_at = r.sim.clock()
         await asyncio.to_thread(broker.stop)  # the link is cut for everyone
         await wait_for(lambda: r.daemon.control.last_output is not None
@@ -227,10 +230,7 @@ async def test_malformed_payloads_are_answered_or_counted_never_obeyed(
 async def test_frozen_daemon_is_stopped_by_the_servo_bus_watchdog(
         broker: Mosquitto, tmp_path: Path) -> None:
     async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
-        await alice.arm()
-        alice.command(True, RIGHT)
-        await alice.start_stream(100)
-        await wait_for(lambda: r.tip()[0] > 0.005)
+        await drive_right(r, alice)
         time.sleep(0.4)  # the daemon's event loop freezes mid-motion (blocking on purpose)
         r.sim.advance()
         assert len(r.sim.watchdog_trips) == 5
@@ -247,10 +247,7 @@ async def test_frozen_daemon_is_stopped_by_the_servo_bus_watchdog(
 async def test_graceful_stop_decelerates_then_switches_torque_off(
         broker: Mosquitto, tmp_path: Path) -> None:
     async with rig(broker.port, tmp_path) as r, r.operator("alice") as alice:
-        await alice.arm()
-        alice.command(True, RIGHT)
-        await alice.start_stream(100)
-        await wait_for(lambda: r.tip()[0] > 0.005)
+        await drive_right(r, alice)
         stop_at = r.sim.clock()
         await r.daemon.stop()  # what SIGTERM leads to
         rates = [abs(o.pose_rates[0]) for o in [r.daemon.control.last_output] if o]
