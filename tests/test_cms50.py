@@ -206,7 +206,7 @@ async def test_v46_watchdog_restarts_a_device_that_stopped_streaming() -> None:
     sim = Cms50Simulator(protocol="v46", every=FAST, keepalive_timeout=0.3,
                          patient=Patient(finger_out_every=0))
     async with oximeter(
-        "v46", simulator=sim, keepalive_interval=60, silence_timeout=0.3
+        "v46", simulator=sim, keepalive_interval=60, silence_timeout=1.0
     ) as (driver, _):
         await collect(driver, 12)
     assert sim.commands.count(0xA1) >= 2
