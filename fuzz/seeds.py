@@ -20,6 +20,12 @@ def _strip_records(seed: int = 5) -> list[bytes]:
         random.Random(seed)))
 
 
+def console_request(body: bytes) -> bytes:
+    """A setpoint POST as the console page sends it."""
+    return (b"POST /api/setpoint HTTP/1.1\r\nHost: 127.0.0.1:8765\r\nX-Console-Token: abc\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
 def seeds() -> dict[str, list[bytes]]:
     from firmware_sim import (
         astm_urine,
@@ -65,4 +71,5 @@ def seeds() -> dict[str, list[bytes]]:
         "console_settings": [b'{"linear_m_s": 0.05, "deadband": 0.1}'],
         "spacemouse_report": [bytes([1]) + struct.pack("<6h", 100, -100, 350, 0, 5, -350),
                               bytes([3, 1, 0])],
+        "console_http": [console_request(b'{"stamp": 1795000000000.5, "axes": [1,0,0,0,0,0]}')],
     }

@@ -177,6 +177,17 @@ def _spacemouse(data: bytes) -> object:
     return [apply_report(SpaceMouseState(), data, combined) for combined in (False, True)]
 
 
+def _console_http(data: bytes) -> object:
+    """What a browser (or anything on loopback) sends the console: a request head, then the body
+    of a setpoint POST, through the same functions the server uses."""
+    from medge.console.server import parse_head, parse_setpoint
+    from medge.console.settings import InputSettings
+
+    head, sep, body = data.partition(b"\r\n\r\n")
+    request, length = parse_head(head + sep)
+    return request, parse_setpoint(body[:length], InputSettings())
+
+
 def _errors(*names: str) -> tuple[type[BaseException], ...]:
     """Typed errors by dotted name (imported lazily so that one broken module names itself)."""
     import importlib
@@ -210,5 +221,6 @@ def all_targets() -> dict[str, Target]:
         ("console_settings", _console_settings,
          (*json_errors, "medge.console.settings.SettingsError")),
         ("spacemouse_report", _spacemouse, ("medge.console.spacemouse.SpaceMouseError",)),
+        ("console_http", _console_http, ("medge.console.server.HttpError",)),
     ]
     return {name: Target(name, parse, _errors(*errors)) for name, parse, errors in specs}

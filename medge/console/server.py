@@ -212,28 +212,10 @@ class ConsoleServer:
             return None
         except asyncio.LimitOverrunError:
             raise HttpError(413, "request head too large") from None
-        if len(head) > MAX_HEADER_BYTES:
-            raise HttpError(413, "request head too large")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise HttpError(400, f"bad request line {lines[0][:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise HttpError(400, f"bad header line {line[:80]!r}")
-                headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise HttpError(400, "content-length: not a number") from None
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise HttpError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
-        body = await reader.readexactly(length) if length else b""
-        target = urlsplit(parts[1])
-        return Request(parts[0], target.path, parse_qs(target.query), headers, body)
+        request, length = parse_head(head)
+        if length:
+            request.body = await reader.readexactly(length)
+        return request
 
     def _check_host(self, request: Request) -> None:
         allowed = {f"127.0.0.1:{self.port}", f"localhost:{self.port}", f"[::1]:{self.port}"}
@@ -298,15 +280,7 @@ class ConsoleServer:
 
     async def _setpoint(self, request: Request) -> dict[str, Any]:
         """The dead-man is held: forward one enabled setpoint, or drop it with the reason."""
-        document = _body(request)
-        stamp = _number(document, "stamp")
-        axes = document.get("axes")
-        if not isinstance(axes, list):
-            raise HttpError(400, "axes: must be an array of 6 numbers")
-        try:
-            page_twist = self.settings.twist(axes)
-        except SettingsError as exc:
-            raise HttpError(400, str(exc)) from None
+        stamp, page_twist = parse_setpoint(request.body, self.settings)
         age_ms = time.time() * 1000 - stamp
         if stamp <= self._last_page_stamp_ms:
             self.counters.dropped_reordered += 1
@@ -343,7 +317,7 @@ class ConsoleServer:
                              float(tilt[0]), float(tilt[1]))
 
     async def _command(self, request: Request) -> dict[str, Any]:
-        document = _body(request)
+        document = _body(request.body)
         command = document.get("cmd")
         if command not in REQUEST_COMMANDS:
             raise HttpError(400, f"cmd: must be one of {list(REQUEST_COMMANDS)}, got {command!r}")
@@ -370,7 +344,7 @@ class ConsoleServer:
 
     async def _put_settings(self, request: Request) -> dict[str, Any]:
         try:
-            settings = InputSettings.from_dict(_body(request))
+            settings = InputSettings.from_dict(_body(request.body))
         except SettingsError as exc:
             raise HttpError(400, str(exc)) from None
         self.store.save(settings)
@@ -387,6 +361,50 @@ class ConsoleServer:
             raise HttpError(502, f"broker: {exc}") from None
 
 
+def parse_head(head: bytes) -> tuple[Request, int]:
+    """An HTTP/1.x request head (up to and including the blank line) → the request without its
+    body, and the body's length; :class:`HttpError` for anything else (fuzzed: fuzz/targets.py)."""
+    if len(head) > MAX_HEADER_BYTES:
+        raise HttpError(413, "request head too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise HttpError(400, f"bad request line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, f"bad header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise HttpError(400, "content-length: not a number") from None
+    if not 0 <= length <= MAX_BODY_BYTES:
+        raise HttpError(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        target = urlsplit(parts[1])
+        query = parse_qs(target.query)
+    except ValueError as exc:
+        raise HttpError(400, f"bad request target {parts[1][:80]!r}: {exc}") from None
+    return Request(parts[0], target.path, query, headers, b""), length
+
+
+def parse_setpoint(body: bytes, settings: InputSettings) -> tuple[float, Twist]:
+    """A page setpoint ``{"stamp": ms, "axes": [6 deflections]}`` → (stamp, probe-frame twist
+    after the user's dead-band, scaling and inversion)."""
+    document = _body(body)
+    stamp = _number(document, "stamp")
+    axes = document.get("axes")
+    if not isinstance(axes, list):
+        raise HttpError(400, "axes: must be an array of 6 numbers")
+    try:
+        return stamp, settings.twist(axes)
+    except SettingsError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
 def _reply(reply: Reply) -> dict[str, Any]:
     return {"ok": reply.ok, "cmd": reply.command, "reason": reply.reason, "detail": reply.detail}
 
@@ -395,9 +413,9 @@ def _json(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _body(request: Request) -> dict[str, Any]:
+def _body(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(request.body)
+        document = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise HttpError(400, f"body: not JSON ({exc})") from None
     if not isinstance(document, dict):

@@ -7,6 +7,7 @@ import pytest
 from daemons.microscope.jobs import JobError, parse_spec
 from drivers import cms50
 from firmware_sim import cms50 as cms50_sim
+from medge.console.server import HttpError, parse_head
 
 VITALS = cms50_sim.Vitals(97, 72, 40, True, False, False)
 
@@ -36,3 +37,19 @@ def test_microscope_job_names_a_stain_or_objective_of_the_wrong_type(field: str,
     with pytest.raises(JobError) as raised:
         parse_spec(job, {"20x"}, set())
     assert raised.value.field == field
+
+
+def _head(target: bytes) -> bytes:
+    return b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n"
+
+
+@pytest.mark.parametrize("target", [b"//[x", b"http://[::1/api/state"])
+def test_console_request_with_a_target_urlsplit_rejects_is_a_400(target: bytes) -> None:
+    """Found while writing the console_http fuzz target: ``urlsplit`` raises a bare ValueError
+    on a malformed IPv6 authority, which escaped the server's HttpError handling (no reply, an
+    unhandled exception in the connection task). Now the request is answered with 400."""
+    with pytest.raises(HttpError) as refused:
+        parse_head(_head(target))
+    assert refused.value.status == 400 and "request target" in refused.value.message
+    request, length = parse_head(_head(b"/api/state?x=%zz&y"))  # odd but harmless: parsed
+    assert (request.path, length) == ("/api/state", 0)
