@@ -4,16 +4,46 @@ mosquitto, one Orthanc and one hospital subscriber (``Shared``).
 
 A part's daemon runs as its own process (``medge run NAME --config ...``), as under systemd, so
 that SIGKILL, prlimit and /proc sampling hit it and nothing else.
+
+How the rig (bench/chaos.py, bench/soak.py) drives a part:
+
+1. ``Part()`` (no arguments; the class is found by ``PARTS`` below and imported lazily).
+2. ``start(shared)`` in a worker thread, after the broker, Orthanc and the hospital subscriber
+   are up (the subscriber's persistent session has subscribed to ``medge/v1/#``).
+3. ``load()`` as a task for the whole campaign; faults from ``faults()`` and the rig's shared
+   faults (broker restart, broker unreachable, PACS down) are injected on one interleaved
+   schedule. After each fault the rig times ``Recovered`` (own faults) or ``working(ended)``
+   of every part (shared faults) with ``--recovery-timeout``.
+4. ``load()`` is cancelled, ``settle(timeout)`` awaited, every outbox drained (the rig waits
+   until ``records`` is empty), then ``check()``; ``stop()`` always, even after a failure.
+
+Loss accounting is the rig's: for every outbox (``outbox_path``), every ``seq`` 1..last of every
+stream must have reached the hospital subscriber; stream names must differ between parts
+(``{device}/{kind}`` by default), which distinct device names give.
+
+Faults receive the campaign's arguments: ``args.settle`` (seconds a timed fault lasts and
+between faults), ``args.outage`` (seconds of a long outage), ``args.recovery_timeout``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import time
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from medge import topics
 from medge.localbroker import Mosquitto
 from medge.localpacs import Orthanc
 
@@ -23,6 +53,103 @@ scan job progresses, the robot follows setpoints); the rig times it, with a time
 
 Fault = Callable[[argparse.Namespace], Awaitable[tuple[Recovered, float]]]
 """Injects one fault and ends it; returns how to see recovery and how long the fault lasted."""
+
+PARTS = {
+    "gateway": ("bench.chaos_gateway", "GatewayPart"),
+    "scanner": ("bench.chaos_scanner", "ScannerPart"),
+    "robot": ("bench.chaos_robot", "RobotPart"),
+}
+"""Part name -> (module, class); modules are imported only when their part is chosen."""
+
+
+def available_parts() -> list[str]:
+    """The parts whose module exists (the default selection)."""
+    return [name for name, (module, _) in PARTS.items() if importlib.util.find_spec(module)]
+
+
+def make_part(name: str) -> Part:
+    if name not in PARTS:
+        raise SystemExit(f"unknown part {name!r} (expected some of {', '.join(PARTS)})")
+    module, cls = PARTS[name]
+    part: Part = getattr(importlib.import_module(module), cls)()
+    return part
+
+
+@dataclass
+class Hospital:
+    """The hospital subscriber: a persistent MQTT 5 session (QoS 1) on ``medge/v1/#``, so that
+    what the broker queued for it while it reconnected is not lost on its side.
+
+    Counts every outbox message (those with a ``msg_id``) by ``msg_id`` and by (stream, seq),
+    keeps the newest message per (device, kind) of every medge topic (outbox or not: live
+    state and health too), and wakes ``arrival()`` waiters: the parts' recovery probes."""
+
+    port: int
+    identifier: str = "chaos-hospital"
+    seen: Counter[str] = field(default_factory=Counter)
+    """Copies received per ``msg_id``."""
+    by_stream: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    stream_of: dict[str, str] = field(default_factory=dict)
+    """``msg_id`` -> its stream (per-part delivered/duplicated counts)."""
+    latest: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
+    """(device, kind) -> (monotonic receipt time, decoded message)."""
+    health: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Daemon name -> its newest health body (``tasks``, ``outbox``, ``link``...)."""
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: list[tuple[str | None, str | None, asyncio.Future[float]]] = field(
+        default_factory=list)
+
+    async def run(self) -> None:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 3600
+        while True:
+            try:
+                async with aiomqtt.Client("127.0.0.1", self.port, identifier=self.identifier,
+                                          protocol=aiomqtt.ProtocolVersion.V5,
+                                          clean_start=False, properties=properties) as client:
+                    await client.subscribe("medge/v1/#", qos=1)
+                    self.connected.set()
+                    async for message in client.messages:
+                        self.take(str(message.topic), bytes(message.payload))
+            except aiomqtt.MqttError:
+                self.connected.clear()
+                await asyncio.sleep(0.5)
+
+    def take(self, topic: str, payload: bytes, now: float | None = None) -> None:
+        try:
+            _, _, device, kind = topics.parse(topic)
+            message = json.loads(payload)
+        except ValueError:
+            return  # not a medge message, or not JSON (the subscriber does not judge)
+        now = time.monotonic() if now is None else now
+        self.latest[(device, kind)] = (now, message)
+        if isinstance(message, dict) and "msg_id" in message:
+            self.seen[str(message["msg_id"])] += 1
+            self.stream_of[str(message["msg_id"])] = str(message["stream"])
+            self.by_stream[str(message["stream"])].add(int(message["seq"]))
+        elif kind == "health" and isinstance(message, dict) and "daemon" in message:
+            self.health[str(message["daemon"])] = message
+        for waiter in [w for w in self._waiters if w[0] in (None, device) and w[1] in (None, kind)]:
+            self._waiters.remove(waiter)
+            if not waiter[2].done():
+                waiter[2].set_result(now)
+
+    async def arrival(self, after: float, device: str | None = None,
+                      kind: str | None = "obs") -> float:
+        """The receipt time (``time.monotonic()``) of the first message from ``device`` (any if
+        None) of ``kind`` (any if None) received after ``after``; waits for it if none yet."""
+        times = [at for (d, k), (at, _) in self.latest.items()
+                 if device in (None, d) and kind in (None, k) and at > after]
+        if times:
+            return min(times)
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        waiter = (device, kind, future)
+        self._waiters.append(waiter)
+        try:
+            return await future
+        finally:
+            if waiter in self._waiters:  # cancelled (timed out) before a message came
+                self._waiters.remove(waiter)
 
 
 @dataclass(frozen=True)
@@ -34,6 +161,8 @@ class Shared:
     pacs: Orthanc
     rate: float
     """Times the realistic pace (soak: 10; chaos: higher, for many messages)."""
+    hospital: Hospital
+    """The hospital subscriber (already subscribed): recovery probes wait on its ``arrival``."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +177,9 @@ class Check:
 
 class Part(Protocol):
     name: str
+    """The part's name in ``--parts`` (``gateway``, ``scanner``, ``robot``)."""
+    daemon: str
+    """The daemon as in ``medge run NAME``: its health messages' ``daemon`` (task counts)."""
 
     def start(self, shared: Shared) -> None:
         """Start the simulators and the daemon process (blocking until they listen)."""
@@ -64,6 +196,11 @@ class Part(Protocol):
 
     def faults(self) -> Sequence[tuple[str, Fault]]:
         """This part's own faults, in schedule order (kind, fault)."""
+
+    async def working(self, since: float) -> None:
+        """Returns once the part shows it works after ``time.monotonic()`` ``since`` (the same
+        sign its own faults' ``Recovered`` waits for); the rig's recovery probe after a shared
+        fault (broker restart or outage, PACS down), timed with a timeout."""
 
     async def load(self) -> None:
         """The workload (scan jobs, teleoperation, ...) until cancelled; tolerates faults."""
