@@ -23,6 +23,10 @@ stream must have reached the hospital subscriber; stream names must differ betwe
 
 Faults receive the campaign's arguments: ``args.settle`` (seconds a timed fault lasts and
 between faults), ``args.outage`` (seconds of a long outage), ``args.recovery_timeout``.
+
+Reuse, rather than copy: ``Sim`` (a ``medge sim`` process on a fixed port, to kill and bring
+back) and ``DaemonProcess`` (``medge run NAME``, logging into a pipe copied to a file, with
+``kill()``/``restart()``/``stop()``) below.
 """
 
 from __future__ import annotations
@@ -32,19 +36,24 @@ import asyncio
 import importlib
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from medge import topics
-from medge.localbroker import Mosquitto
+from medge.localbroker import Mosquitto, free_port, wait_for_port
 from medge.localpacs import Orthanc
 
 Recovered = Callable[[], Awaitable[None]]
@@ -76,6 +85,92 @@ def make_part(name: str) -> Part:
 
 
 @dataclass
+class Sim:
+    """A device simulator process (``medge sim NAME``) on a fixed port, so that it can die and
+    come back where the daemon expects it."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "medge.cli", "sim", self.name, "--listen",
+             f"tcp://127.0.0.1:{self.port}", *self.args, *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, timeout=60, proc=self.proc)  # slow start on a busy box
+
+    def kill(self) -> None:
+        """SIGKILL (after SIGCONT, in case a stall fault stopped it)."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    @property
+    def url(self) -> str:
+        """The pyserial URL the daemon's config names."""
+        return f"socket://127.0.0.1:{self.port}"
+
+
+@dataclass
+class DaemonProcess:
+    """``medge run NAME --config CONFIG`` as its own process. It logs into a pipe, as under
+    systemd (journald), copied to ``log``: a disk-full fault then hits the daemon's own files
+    (outbox, spool), not its log."""
+
+    name: str
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "medge.cli", "run", self.name, "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.proc.stdout is not None
+        threading.Thread(target=_copy, args=(self.proc.stdout, self.log), daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None or self.proc.poll() is not None else self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL and reap (a power cut, as far as the daemon can tell)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """SIGKILL, then start again at once (as systemd's ``Restart=always`` would)."""
+        self.kill()
+        self.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (a clean shutdown), SIGKILL after ``timeout``."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _copy(source: IO[bytes], path: Path) -> None:
+    with path.open("ab") as log:
+        for line in source:
+            log.write(line)
+            log.flush()
+
+
+@dataclass
 class Hospital:
     """The hospital subscriber: a persistent MQTT 5 session (QoS 1) on ``medge/v1/#``, so that
     what the broker queued for it while it reconnected is not lost on its side.
@@ -96,7 +191,7 @@ class Hospital:
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon name -> its newest health body (``tasks``, ``outbox``, ``link``...)."""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
-    _waiters: list[tuple[str | None, str | None, asyncio.Future[float]]] = field(
+    _waiters: list[tuple[Callable[[str, str], bool], asyncio.Future[float]]] = field(
         default_factory=list)
 
     async def run(self) -> None:
@@ -129,21 +224,28 @@ class Hospital:
             self.by_stream[str(message["stream"])].add(int(message["seq"]))
         elif kind == "health" and isinstance(message, dict) and "daemon" in message:
             self.health[str(message["daemon"])] = message
-        for waiter in [w for w in self._waiters if w[0] in (None, device) and w[1] in (None, kind)]:
+        for waiter in [w for w in self._waiters if w[0](device, kind)]:
             self._waiters.remove(waiter)
-            if not waiter[2].done():
-                waiter[2].set_result(now)
+            if not waiter[1].done():
+                waiter[1].set_result(now)
 
     async def arrival(self, after: float, device: str | None = None,
                       kind: str | None = "obs") -> float:
         """The receipt time (``time.monotonic()``) of the first message from ``device`` (any if
         None) of ``kind`` (any if None) received after ``after``; waits for it if none yet."""
-        times = [at for (d, k), (at, _) in self.latest.items()
-                 if device in (None, d) and kind in (None, k) and at > after]
+        return await self.arrival_from(after, None if device is None else {device}, kind)
+
+    async def arrival_from(self, after: float, devices: Collection[str] | None,
+                           kind: str | None = "obs") -> float:
+        """``arrival`` from any of ``devices`` (any device if None)."""
+        def match(device: str, kind_: str) -> bool:
+            return (devices is None or device in devices) and kind in (None, kind_)
+
+        times = [at for (d, k), (at, _) in self.latest.items() if match(d, k) and at > after]
         if times:
             return min(times)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        waiter = (device, kind, future)
+        waiter = (match, future)
         self._waiters.append(waiter)
         try:
             return await future
