@@ -10,7 +10,9 @@ off until a Reboot, and the Bus Watchdog (address 98, 20 ms units): host silent 
 register reads -1 and goal writes fail with Data Range Error until 98 is written 0.
 
 :class:`DynamixelSim` holds the bus; ``serve(link)`` is the :mod:`firmware_sim.link` handler,
-``run()`` advances physics in real time and records a :class:`MotionSample` log for tests.
+``run()`` advances physics in real time and records a :class:`MotionSample` log for tests;
+``--motion-log PATH`` also writes the motion to a file (:class:`MotionLogFile`) for a checker in
+another process (bench/chaos_robot.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import math
+import os
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from firmware_sim.force import ForceSim
 from firmware_sim.link import (
@@ -128,6 +134,10 @@ class PacketReader:
 def _signed(value: int, size: int) -> int:
     bits = 8 * size
     return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def _ticks_to_rad(ticks: int) -> float:
+    return (ticks - 2048) * 2 * math.pi / TICKS_PER_TURN
 
 
 class SimServo:
@@ -294,14 +304,14 @@ class SimServo:
             self.table[_WATCHDOG_ADDR] = 0xFF
             self.velocity = 0.0  # profiles "applied as 0": a hard stop where it stands
             self.put(116, 4, self.ticks)
-            self.position = (self.ticks - 2048) * 2 * math.pi / TICKS_PER_TURN  # hold that tick
+            self.position = _ticks_to_rad(self.ticks)  # hold that tick
 
     def _track_goal(self, dt: float) -> None:
         if abs(self.load_torque_nm) > STALL_TORQUE_NM:
             self.velocity = 0.0  # blocked
             return
         v_max, a_max = self._limits()
-        goal = (_signed(self.get(116, 4), 4) - 2048) * 2 * math.pi / TICKS_PER_TURN
+        goal = _ticks_to_rad(_signed(self.get(116, 4), 4))
         error = goal - self.position
         wanted = math.copysign(min(v_max, math.sqrt(2 * a_max * abs(error))), error)
         change = max(-a_max * dt, min(a_max * dt, wanted - self.velocity))
@@ -329,6 +339,59 @@ class MotionSample:
     torque_on: tuple[bool, ...]
 
 
+class MotionLogFile:
+    """The servos' motion as JSON lines, flushed line by line, so that another process can
+    check it (the robot must never move without a fresh enabled setpoint) even after this one
+    is killed.
+
+    Every physics step is looked at, but a line is written only when a servo starts or stops
+    moving (its position changed in that step) or its Bus Watchdog trips or clears
+    (``"event": "change"``), and every ``every_s`` while any servo moves (``"sample"``): at rest
+    nothing is written, so hours of teleoperation stay small. Each line carries the step's
+    time ``t`` (the simulator's clock: ``time.monotonic()``, system-wide on Linux) and per servo
+    ``moving`` (0/1), ``pos`` (present position, rad), ``goal`` (goal position written, rad)
+    and ``tripped`` (watchdog, 0/1). The first line (``"open"``) names the process and the
+    servo IDs; a restarted simulator appends after it.
+    """
+
+    def __init__(self, path: Path, servos: Sequence[SimServo], now: float,
+                 every_s: float = 0.1) -> None:
+        self.every_s = every_s
+        self._file = path.open("a", encoding="utf-8")
+        self._positions = [servo.position for servo in servos]
+        self._flags: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
+        self._next_sample = now
+        self._write({"event": "open", "t": now, "pid": os.getpid(),
+                     "ids": [servo.servo_id for servo in servos]}, servos, ())
+
+    def step(self, now: float, servos: Sequence[SimServo]) -> None:
+        moved = tuple(servo.position != before
+                      for servo, before in zip(servos, self._positions, strict=True))
+        self._positions = [servo.position for servo in servos]
+        flags = (moved, tuple(servo.watchdog_tripped for servo in servos))
+        if flags != self._flags:
+            self._flags = flags
+            self._write({"event": "change", "t": now}, servos, moved)
+            self._next_sample = now + self.every_s
+        elif any(moved) and now >= self._next_sample:
+            self._write({"event": "sample", "t": now}, servos, moved)
+            self._next_sample = now + self.every_s
+
+    def _write(self, record: dict[str, Any], servos: Sequence[SimServo],
+               moved: Sequence[bool]) -> None:
+        record["t"] = round(record["t"], 6)
+        record["moving"] = [int(m) for m in moved]
+        record["pos"] = [round(servo.position, 6) for servo in servos]
+        record["goal"] = [round(_ticks_to_rad(_signed(servo.get(116, 4), 4)), 6)
+                          for servo in servos]
+        record["tripped"] = [int(servo.watchdog_tripped) for servo in servos]
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class DynamixelSim:
     """The bus: servos by ID, the host packet handler, and the physics clock."""
 
@@ -352,6 +415,7 @@ class DynamixelSim:
         """Simulation time of the last instruction packet (for watchdog timing checks)."""
         self.watchdog_trips: list[tuple[int, float]] = []
         """(servo id, simulation time) of every Bus Watchdog trip."""
+        self.motion_file: MotionLogFile | None = None
         self._now = clock()
 
     def servo(self, servo_id: int) -> SimServo:
@@ -376,6 +440,8 @@ class DynamixelSim:
                 servo.step(self.step_s)
                 if servo.watchdog_tripped and not tripped:
                     self.watchdog_trips.append((servo.servo_id, self._now))
+            if self.motion_file is not None:
+                self.motion_file.step(self._now, self.servos)
         self.motion_log.append(MotionSample(
             now,
             tuple(s.position for s in self.servos),
@@ -522,6 +588,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "its address is printed as a second line 'force: ADDRESS')")
     force.add_argument("--force-pty", action="store_true",
                        help="the same load cell on a new pseudo-terminal")
+    parser.add_argument("--motion-log", type=Path, metavar="PATH",
+                        help="append the servos' motion to PATH as JSON lines (a line when a "
+                             "servo starts or stops moving, and while moving every "
+                             "--motion-log-every s; times are time.monotonic())")
+    parser.add_argument("--motion-log-every", type=float, default=0.1, metavar="S",
+                        help="sampling period of the motion log while a servo moves "
+                             "(default 0.1)")
 
 
 def create(args: argparse.Namespace) -> Handler:
@@ -533,7 +606,15 @@ def create(args: argparse.Namespace) -> Handler:
         raise SystemExit(f"--ids {args.ids!r}: distinct IDs within 0..252 expected")
     if (args.force_pty or args.force_listen) and len(ids) != 5:
         raise SystemExit("--force-*: the probe world needs exactly the 5 manipulator servos")
+    if args.motion_log_every <= 0:
+        raise SystemExit(f"--motion-log-every {args.motion_log_every}: must be > 0")
     sim = DynamixelSim(ids)
+    if args.motion_log is not None:
+        try:
+            sim.motion_file = MotionLogFile(args.motion_log, sim.servos, sim.clock(),
+                                            args.motion_log_every)
+        except OSError as exc:
+            raise SystemExit(f"--motion-log {args.motion_log}: {exc.strerror or exc}") from None
     args.dynamixel_sim = sim
     return sim.serve
 
@@ -543,12 +624,16 @@ async def background(args: argparse.Namespace, server: SimulatorServer) -> None:
     del server
     sim: DynamixelSim = args.dynamixel_sim
     where = Endpoint("pty") if args.force_pty else args.force_listen
-    if where is None:
-        await sim.run()
-        return
-    world = ProbeWorld(sim.positions)
-    sim.loads = world.servo_loads
-    load_cell = ForceSim(lambda: world.contact_force()[0])
-    async with SimulatorServer(load_cell.serve, where) as force_server:
-        print(f"force: {force_server.address}", flush=True)
-        await sim.run()
+    try:
+        if where is None:
+            await sim.run()
+            return
+        world = ProbeWorld(sim.positions)
+        sim.loads = world.servo_loads
+        load_cell = ForceSim(lambda: world.contact_force()[0])
+        async with SimulatorServer(load_cell.serve, where) as force_server:
+            print(f"force: {force_server.address}", flush=True)
+            await sim.run()
+    finally:
+        if sim.motion_file is not None:
+            sim.motion_file.close()

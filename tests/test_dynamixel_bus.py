@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,13 @@ from drivers.dynamixel import (
 from drivers.dynamixel_protocol import CrcMismatch, StatusErrorCode
 from drivers.force_sensor import parse_line
 from drivers.serial_link import SerialLink
-from firmware_sim.dynamixel import HW_OVERHEATING, HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
+from firmware_sim.dynamixel import (
+    HW_OVERHEATING,
+    HW_OVERLOAD,
+    STALL_TORQUE_NM,
+    DynamixelSim,
+    MotionLogFile,
+)
 from firmware_sim.link import Faults
 
 IDS = [1, 2, 3, 4, 5]
@@ -235,6 +242,65 @@ async def test_cli_serves_bus_and_load_cell_sharing_one_world() -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+def test_motion_log_file_records_starts_stops_samples_and_watchdog_trips(tmp_path: Path) -> None:
+    now = [100.0]
+    sim = DynamixelSim([1, 2], clock=lambda: now[0], step_s=0.001)
+    path = tmp_path / "motion.jsonl"
+    sim.motion_file = MotionLogFile(path, sim.servos, now[0], every_s=0.05)
+    mover = sim.servo(2)
+    mover.put(64, 1, 1)
+    mover.put(116, 4, 2048 + 256)  # a move of 0.39 rad
+    now[0] += 0.5
+    sim.advance()  # moves, then settles at the goal
+    mover.put(98, 1, 5)  # Bus Watchdog 100 ms, then the host stays silent
+    mover.put(116, 4, 2048 + 2048)
+    now[0] += 0.5
+    sim.advance()
+    sim.motion_file.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["event"] == "open" and lines[0]["ids"] == [1, 2]
+    changes = [line for line in lines if line["event"] == "change"]
+    assert [c["moving"] for c in changes[:3]] == [[0, 1], [0, 0], [0, 1]]
+    settled = changes[1]
+    assert 100.0 < settled["t"] < 100.5
+    assert settled["pos"][1] == pytest.approx(256 * 2 * math.pi / 4096, abs=1e-6)
+    assert settled["goal"][1] == settled["pos"][1]
+    tripped = next(c for c in changes if c["tripped"] == [0, 1])
+    assert tripped["t"] == pytest.approx(100.6, abs=0.005)  # silent since 100.5
+    assert lines[-1]["moving"] == [0, 0] and lines[-1]["pos"][1] < math.pi  # stopped short
+    samples = [line for line in lines if line["event"] == "sample"]
+    assert samples and all(s["moving"] == [0, 1] for s in samples)
+    times = [line["t"] for line in lines]
+    assert times == sorted(times)
+    assert len(lines) < 30  # one step in a thousand: at rest and between samples, nothing
+
+
+async def test_cli_writes_the_motion_log(tmp_path: Path) -> None:
+    path = tmp_path / "motion.jsonl"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "medge.cli", "sim", "dynamixel", "--listen", "tcp://127.0.0.1:0",
+        "--motion-log", str(path), stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(20):
+            bus_url = (await process.stdout.readline()).decode().strip()
+        async with SerialLink.open(bus_url) as link:
+            chain = DynamixelChain(DynamixelBus(link, timeout_s=1.0), IDS)
+            await chain.enable(watchdog_s=0)
+            await chain.write_goals([0.2, 0, 0, 0, 0])
+
+            def stopped() -> bool:
+                lines = [json.loads(line) for line in path.read_text().splitlines()]
+                return any(line["moving"] == [1, 0, 0, 0, 0] for line in lines) and \
+                    lines[-1]["moving"] == [0] * 5
+
+            await wait_for(stopped, timeout=10)
+    finally:
+        process.terminate()
+        await process.wait()
+    assert json.loads(path.read_text().splitlines()[-1])["pos"][0] == pytest.approx(0.2, abs=2e-3)
 
 
 def test_cli_refuses_load_cell_without_the_five_servos(capsys: pytest.CaptureFixture[str]) -> None:
