@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from bench.parts import Sim
 from medge import cli
 from medge.config import load
 from medge.localpacs import Orthanc
@@ -35,7 +36,8 @@ class Scanner:
     """One daemon process and the CLI pointed at it."""
 
     def __init__(self, workdir: Path, broker: Mosquitto, pacs: Orthanc | None = None,
-                 disk_reserve_mb: float = 1.0, **simulator: Any) -> None:
+                 disk_reserve_mb: float = 1.0, stage_port: str = "sim",
+                 **simulator: Any) -> None:
         self.workdir = workdir
         self.config = workdir / "microscope.toml"
         self.log = workdir / "daemon.log"
@@ -63,6 +65,7 @@ objectives_file = "{OBJECTIVES}"
 {pacs_line}disk_reserve_mb = {disk_reserve_mb}
 focus_points = 3
 [microscope.stage]
+port = "{stage_port}"
 slide_origin_um = [-10000.0, -10000.0]
 [microscope.camera]
 width = 320
@@ -297,6 +300,27 @@ def test_a_controller_reboot_mid_scan_is_rehomed_and_the_scan_goes_on(
     state = scanner.state_file(job)
     assert state["plan_info"]["stage_recoveries"] == 1
     assert len(state["tiles"]) == 9
+
+
+def test_a_stage_controller_of_its_own_unplugged_mid_scan_is_rehomed_and_the_scan_goes_on(
+        scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
+    """The controller as its own process (``medge sim grbl``, as a real board on USB), the
+    simulated cameras rendering where it reports: killed mid-scan and back on the same port."""
+    grbl = Sim("grbl", ("--backlash-um", "0"))
+    grbl.start()
+    try:
+        scanner = scanners(stage_port=grbl.url)
+        job = scanner.submit(capsys)
+        scanner.wait_for(job, lambda s: s["phase"] == "acquire" and s["tiles_done"] >= 2)
+        grbl.kill()
+        grbl.start()
+        final = scanner.wait_for(job, finished)
+        assert final["status"] == "done", final["message"]
+        state = scanner.state_file(job)
+        assert state["plan_info"]["stage_recoveries"] == 1 and len(state["tiles"]) == 9
+        assert state["report"]["validation"]["ok"] is True
+    finally:
+        grbl.kill()
 
 
 def test_a_lost_camera_fails_the_job_with_what_to_do(

@@ -5,7 +5,9 @@ simulator served on a loopback TCP port and driven by the real :class:`GrblStage
 that socket (so the wire protocol is exercised), and cameras that render a virtual slide at the
 simulated carriage's *true* position (the shared :class:`VirtualSlideCamera`: defocus from a
 tilted, optionally curved focal surface, vignetting, sensor noise, exposure). A
-real rig uses the serial port and UVC cameras unchanged.
+real rig uses the serial port and UVC cameras unchanged. ``device = "sim"`` with a real
+``port`` (a GRBL board, or ``medge sim grbl`` in its own process, which a test can kill, stall
+or make noisy) renders at the position the controller *reports*.
 """
 
 from __future__ import annotations
@@ -256,28 +258,18 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
     settings = CameraSettings(resolution=(camera.width, camera.height),
                               exposure_ms=camera.exposure_ms)
     grbl = GrblConfig(settle_s=stage.settle_s)
-    if stage.port != SIM:
+    if stage.port != SIM and camera.device != SIM:
         return Rig(GrblStage(stage.port, grbl), UvcCamera(camera.device, settings=settings),
                    UvcCamera(camera.overview_device), label_width_um=0.0)
+    if stage.port != SIM:  # simulated optics on an external controller: its reported position
+        external = GrblStage(stage.port, grbl)
+        tiles, overview, label_width_um = _virtual_cameras(
+            stage, camera, simulator, objective, settings, lambda: tuple(external.position_um))
+        return Rig(external, tiles, overview, label_width_um)
     machine = GrblMachine(time_scale=simulator.time_scale)
     server = SimulatorServer(serve(machine), Endpoint.parse("tcp://127.0.0.1:0"))
-    slide = make_slide(simulator)
-    origin_x, origin_y = stage.slide_origin_um
-    tilt_x, tilt_y = simulator.focal_tilt_um_per_mm
-    surface = FocalSurface(simulator.focal_plane_z_um, (0.0, 0.0), tilt_x / 1000, tilt_y / 1000,
-                           simulator.focal_curvature_um_per_mm2 / 1e6)
-    optics = SimOptics(objective.um_per_px, objective.numerical_aperture, surface,
-                       simulator.vignetting, simulator.read_noise, simulator.full_well)
-
-    def field_centre_on_slide() -> tuple[float, float, float]:
-        """Stage positions address the field's top-left corner; the camera wants its centre."""
-        x, y, z = machine.true_position_um()
-        width, height = tiles.settings.resolution
-        half = tiles.optics.um_per_px / 2
-        return x - origin_x + width * half, y - origin_y + height * half, z
-
-    tiles = RigCamera(slide, field_centre_on_slide, optics, settings, simulator.seed)
-    overview = overview_camera(slide, camera.overview_um_per_px)
+    tiles, overview, label_width_um = _virtual_cameras(stage, camera, simulator, objective,
+                                                       settings, machine.true_position_um)
     loop = asyncio.get_running_loop()
 
     def inject_faults(count: int) -> None:
@@ -289,9 +281,33 @@ def build_rig(stage: StageSection, camera: CameraSection, simulator: SimulatorSe
             tiles.unplugged = True
 
     tiles.on_acquired = inject_faults
-    return Rig(GrblStage("socket://127.0.0.1:0", grbl), tiles, overview,
-               label_width_um=float(getattr(slide, "label_width_um", 0.0)), machine=machine,
-               server=server)
+    return Rig(GrblStage("socket://127.0.0.1:0", grbl), tiles, overview, label_width_um,
+               machine=machine, server=server)
+
+
+def _virtual_cameras(stage: StageSection, camera: CameraSection, simulator: SimulatorSection,
+                     objective: Objective, settings: CameraSettings,
+                     stage_position_um: Callable[[], tuple[float, ...]],
+                     ) -> tuple[RigCamera, VirtualSlideCamera, float]:
+    """The tile and overview cameras over the simulated slide, and the label's width (µm)."""
+    slide = make_slide(simulator)
+    origin_x, origin_y = stage.slide_origin_um
+    tilt_x, tilt_y = simulator.focal_tilt_um_per_mm
+    surface = FocalSurface(simulator.focal_plane_z_um, (0.0, 0.0), tilt_x / 1000, tilt_y / 1000,
+                           simulator.focal_curvature_um_per_mm2 / 1e6)
+    optics = SimOptics(objective.um_per_px, objective.numerical_aperture, surface,
+                       simulator.vignetting, simulator.read_noise, simulator.full_well)
+
+    def field_centre_on_slide() -> tuple[float, float, float]:
+        """Stage positions address the field's top-left corner; the camera wants its centre."""
+        x, y, z = stage_position_um()
+        width, height = tiles.settings.resolution
+        half = tiles.optics.um_per_px / 2
+        return x - origin_x + width * half, y - origin_y + height * half, z
+
+    tiles = RigCamera(slide, field_centre_on_slide, optics, settings, simulator.seed)
+    overview = overview_camera(slide, camera.overview_um_per_px)
+    return tiles, overview, float(getattr(slide, "label_width_um", 0.0))
 
 
 def overview_camera(slide: Slide, um_per_px: float) -> VirtualSlideCamera:
