@@ -1,18 +1,22 @@
-"""bench/chaos (``make chaos``, opt-in): the gateway daemon as its own process against device
-simulator processes and a real mosquitto, with faults injected on a schedule; at the end the
-invariants are checked and a table printed (docs/reliability.md).
+"""bench/chaos (``make chaos``, opt-in): every daemon (one ``Part`` each, bench/parts.py: gateway,
+scanner, robot) as its own process against its device simulators, one real mosquitto and one
+real Orthanc, with faults injected on one schedule; at the end the invariants are checked and a
+table printed (docs/reliability.md).
 
-Faults: broker restart, broker unreachable for ``--outage`` seconds, SIGKILL of the gateway,
-device unplugged (simulator process killed, back after a pause), corrupted and dropped bytes
-(simulator restarted with ``--corrupt-rate``/``--drop-rate``), stalled device (SIGSTOP/SIGCONT
-of the simulator), disk nearly full (``RLIMIT_FSIZE`` of the running gateway pinned to its
-current file sizes with ``prlimit``), device clock jump (simulator restarted with
-``--clock-offset``; the host clock cannot be changed here).
+Shared faults (the rig's): broker restart, broker unreachable for ``--outage`` s, PACS down
+(Orthanc stopped, back on the same ports after ``--pacs-outage`` s). Each part adds its own
+(SIGKILL of its daemon, serial unplug, stalled or noisy devices, disk nearly full, clock
+jump...); the schedule interleaves them: shared, part 1, part 2, ..., shared, ...
 
-Invariants: every record the gateway's outbox numbered (per stream, seq 1..last) reached the
-hospital subscriber (by ``msg_id``; none missing), duplicates counted; no process left behind.
+Recovery time: from the end of a fault until the part works again (its ``Recovered`` probe; for
+a shared fault, every part's ``working`` probe, the worst counted).
 
-    .venv/bin/python -m bench.chaos [--outage 20] [--settle 8] [--rounds 1]
+Invariants: for every part's outbox, every record numbered (per stream, seq 1..last) reached the
+hospital subscriber (by ``msg_id``; none missing), none refused for good (dead letters),
+duplicates counted; every fault recovered; every part's own checks (scan in the PACS or failed
+with its tiles kept, robot motion only on fresh setpoints...); no process left behind.
+
+    .venv/bin/python -m bench.chaos [--parts gateway,scanner,robot] [--outage 20] [--settle 8]
 """
 
 from __future__ import annotations
@@ -20,280 +24,256 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import resource
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TypeVar
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from bench.parts import (
+    Check,
+    Fault,
+    Hospital,
+    Part,
+    Recovered,
+    Shared,
+    available_parts,
+    make_part,
+)
+from medge.localbroker import Mosquitto
+from medge.localpacs import Orthanc
 
-from bench.gateway import gateway_toml
-from medge.localbroker import Mosquitto, free_port, wait_for_port
-
-REPO = Path(__file__).resolve().parent.parent
-VENT_MAP = REPO / "config" / "ventilators" / "home-ventilator.toml"
-
-
-@dataclass
-class Sim:
-    """A device simulator process on a fixed port, so that it can die and come back."""
-
-    name: str
-    args: tuple[str, ...]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medge.cli", "sim", self.name, "--listen",
-             f"tcp://127.0.0.1:{self.port}", *self.args, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, timeout=60, proc=self.proc)  # slow start on a busy box
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"socket://127.0.0.1:{self.port}"
-
-
-@dataclass
-class Hospital:
-    """The hospital subscriber: a persistent MQTT 5 session (QoS 1), so that what the broker
-    queued for it while it reconnected is not lost on its side."""
-
-    port: int
-    seen: Counter[str] = field(default_factory=Counter)
-    by_stream: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
-    last_at: dict[str, float] = field(default_factory=dict)
-    """Receipt time of the newest observation per device."""
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self) -> None:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = 3600
-        while True:
-            try:
-                async with aiomqtt.Client("127.0.0.1", self.port, identifier="chaos-hospital",
-                                          protocol=aiomqtt.ProtocolVersion.V5,
-                                          clean_start=False, properties=properties) as client:
-                    await client.subscribe("medge/v1/#", qos=1)
-                    self.connected.set()
-                    async for message in client.messages:
-                        self._take(bytes(message.payload))
-            except aiomqtt.MqttError:
-                self.connected.clear()
-                await asyncio.sleep(0.5)
-
-    def _take(self, payload: bytes) -> None:
-        try:
-            head = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(head, dict) or "msg_id" not in head:
-            return  # live state and replies bypass the outbox: not counted
-        self.seen[head["msg_id"]] += 1
-        self.by_stream[head["stream"]].add(int(head["seq"]))
-        if head.get("kind") == "obs":  # recovery means measurements flowing again
-            self.last_at[head["device"]] = time.monotonic()
-
-    async def next_from(self, device: str | None, after: float, timeout: float) -> float | None:
-        """Seconds from ``after`` until a message (from ``device``, or any) arrives; None if not
-        within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            times = [t for d, t in self.last_at.items() if device in (None, d)]
-            if times and max(times) > after:
-                return max(times) - after
-            await asyncio.sleep(0.1)
-        return None
+T = TypeVar("T")
 
 
 class Rig:
-    """Broker, simulators, gateway process and the hospital subscriber."""
+    """Broker, PACS, the hospital subscriber and the parts; ``async with`` starts them in that
+    order and stops everything it started, in reverse, even after a failed start."""
 
-    def __init__(self, work: Path, rate: float) -> None:
-        """``rate``: times the realistic pace (oximeter and ventilator published every 60 s,
-        ventilator polled every 1 s, a urine strip every 5 minutes)."""
+    def __init__(self, work: Path, rate: float, parts: Sequence[Part]) -> None:
         self.work = work
         self.broker = Mosquitto(work / "broker")
-        vent_map = work / "vent.toml"
-        vent_map.write_text(VENT_MAP.read_text().replace(
-            "poll_interval = 1.0", f"poll_interval = {max(0.01, 1.0 / rate):.3f}"))
-        publish, strip_every = 60.0 / rate, f"{300.0 / rate:.2f}"
-        self.sims = {
-            "oximeter": Sim("cms50", ()),
-            "urine-astm": Sim("astm-urine", ("--every", strip_every, "--first-after", "1",
-                                             "--ack-timeout", "2", "--busy-retry", "1")),
-            "ventilator": Sim("modbus-vent", ()),
-            "urine-printout": Sim("printout-urine", ("--every", strip_every)),
-        }
-        self.devices: dict[str, dict[str, Any]] = {
-            "oximeter": {"driver": "cms50", "obs_interval_s": publish, "pleth_every_s": 0.0},
-            "urine-astm": {"driver": "urine-astm"},
-            "ventilator": {"driver": "modbus", "map": str(vent_map), "serial": "VENT-1",
-                           "obs_interval_s": publish},
-            "urine-printout": {"driver": "urine-printout"},
-        }
-        self.state = work / "gateway"
-        self.gateway: subprocess.Popen[bytes] | None = None
+        self.pacs = Orthanc(work / "pacs")
         self.hospital = Hospital(self.broker.port)
+        self.shared = Shared(work, self.broker, self.pacs, rate, self.hospital)
+        self.parts = list(parts)
+        self._started: list[Part] = []
+        self._listener: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self.broker.start()
-        for sim in self.sims.values():
-            sim.start()
-        tables = {name: {**table, "port": self.sims[name].url,
-                         "reconnect_min_s": 0.5, "reconnect_max_s": 2.0}
-                  for name, table in self.devices.items()}
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / "gateway.toml").write_text(
-            gateway_toml(self.state, self.broker.port, tables).replace(
-                "[mqtt]\n", "[mqtt]\nreconnect_min = 0.5\nreconnect_max = 2.0\n"))
-        self.start_gateway()
+    async def __aenter__(self) -> Rig:
+        try:
+            self.broker.start()
+            await asyncio.to_thread(self.pacs.start)
+            self._listener = asyncio.create_task(self.hospital.run(), name="hospital")
+            await asyncio.wait_for(self.hospital.connected.wait(), 30)
+            for part in self.parts:
+                self._started.append(part)
+                await asyncio.to_thread(part.start, self.shared)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
 
-    def start_gateway(self) -> None:
-        """The gateway logs into a pipe, as under systemd (journald), so that the disk-full
-        fault hits its outbox, not its log file."""
-        self.gateway = subprocess.Popen([sys.executable, "-m", "medge.cli", "run", "gateway",
-                                         "--config", str(self.state / "gateway.toml")],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=_copy, args=(self.gateway.stdout, self.work / "gateway.log"),
-                         daemon=True).start()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
-    def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.terminate()
-            try:
-                self.gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                self.gateway.kill()
-                self.gateway.wait()
-        for sim in self.sims.values():
-            if sim.proc is not None:
-                os.kill(sim.proc.pid, signal.SIGCONT)
-            sim.kill()
+    async def stop(self) -> None:
+        for part in reversed(self._started):
+            await asyncio.to_thread(part.stop)
+        self._started = []
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        await asyncio.to_thread(self.pacs.stop)
         self.broker.stop()
 
-    def outbox(self) -> sqlite3.Connection:
-        """Read-only view of the gateway's outbox (medge.runtime names it so)."""
-        path = self.state / "gateway-outbox.sqlite3"
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+
+# --- shared faults -----------------------------------------------------------------------------
+
+async def broker_restart(rig: Rig, args: argparse.Namespace) -> float:
+    rig.broker.stop()
+    rig.broker.start()
+    return 0.0
 
 
-def _copy(source: IO[bytes], path: Path) -> None:
-    with path.open("ab") as log:
-        for line in source:
-            log.write(line)
-            log.flush()
+async def broker_outage(rig: Rig, args: argparse.Namespace) -> float:
+    rig.broker.stop()
+    await asyncio.sleep(args.outage)
+    rig.broker.start()
+    return float(args.outage)
+
+
+async def pacs_down(rig: Rig, args: argparse.Namespace) -> float:
+    """Orthanc stopped, then started again on the same ports with the same storage."""
+    await asyncio.to_thread(rig.pacs.stop)
+    await asyncio.sleep(args.pacs_outage)
+    await asyncio.to_thread(rig.pacs.start)
+    return float(args.pacs_outage)
+
+
+SharedFault = Callable[[Rig, argparse.Namespace], Awaitable[float]]
+"""Injects a fault of the shared services and ends it; returns how long it lasted."""
+
+SHARED_FAULTS: list[tuple[str, SharedFault]] = [
+    ("broker restart", broker_restart), ("broker unreachable", broker_outage),
+    ("PACS down", pacs_down)]
+
+
+def shared_fault(rig: Rig, action: SharedFault) -> Fault:
+    """A rig fault as a ``Fault``: recovered when every part works again."""
+    async def fault(args: argparse.Namespace) -> tuple[Recovered, float]:
+        lasted = await action(rig, args)
+        ended = time.monotonic()
+
+        async def recovered() -> None:
+            await asyncio.gather(*(part.working(ended) for part in rig.parts))
+        return recovered, lasted
+    return fault
+
+
+def interleave(*lists: Sequence[T]) -> list[T]:
+    """Round robin over the lists: the first of each, then the second of each, ..."""
+    out: list[T] = []
+    for i in range(max((len(items) for items in lists), default=0)):
+        out += [items[i] for items in lists if i < len(items)]
+    return out
+
+
+def schedule(rig: Rig) -> list[tuple[str, str, Fault]]:
+    """(owner, kind, fault): the shared faults interleaved with every part's own."""
+    shared = [("shared", kind, shared_fault(rig, action)) for kind, action in SHARED_FAULTS]
+    own = [[(part.name, kind, fault) for kind, fault in part.faults()] for part in rig.parts]
+    return interleave(shared, *own)
 
 
 @dataclass
 class Outcome:
+    owner: str
     kind: str
-    injected_for_s: float
+    lasted_s: float
     recovery_s: float | None
+    """None: not recovered within ``--recovery-timeout``."""
 
 
-Fault = Callable[["Rig", argparse.Namespace], Awaitable[tuple[str | None, float]]]
-"""Injects one fault and ends it; returns (device whose messages show recovery, or None for any;
-how long the fault lasted)."""
+async def inject(owner: str, kind: str, fault: Fault, args: argparse.Namespace) -> Outcome:
+    recovered, lasted = await fault(args)
+    ended = time.monotonic()
+    try:
+        await asyncio.wait_for(recovered(), args.recovery_timeout)
+        recovery: float | None = time.monotonic() - ended
+    except TimeoutError:
+        recovery = None
+    outcome = Outcome(owner, kind, lasted, recovery)
+    print(f"  {owner:<8} {kind:<26} lasted {lasted:5.1f} s, recovered in "
+          f"{'— (not within the timeout)' if recovery is None else f'{recovery:.1f} s'}",
+          flush=True)
+    return outcome
 
 
-async def broker_restart(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    rig.broker.stop()
-    rig.broker.start()
-    return None, 0.0
+# --- loss accounting ---------------------------------------------------------------------------
+
+@dataclass
+class OutboxSnapshot:
+    """One outbox read in one transaction: what it numbered and what it still holds."""
+
+    last_seq: dict[str, int]
+    queued: dict[str, set[int]]
+    dead: int
 
 
-async def broker_outage(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    rig.broker.stop()
-    await asyncio.sleep(args.outage)
-    rig.broker.start()
-    return None, args.outage
+def read_outbox(path: Path) -> OutboxSnapshot:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+    with contextlib.closing(db):
+        db.execute("BEGIN")  # one snapshot: a record numbered and sent meanwhile is not lost
+        last_seq = {str(s): int(n) for s, n in db.execute("SELECT stream, last_seq FROM streams")}
+        queued: dict[str, set[int]] = defaultdict(set)
+        for stream, seq in db.execute("SELECT stream, seq FROM records"):
+            queued[str(stream)].add(int(seq))
+        dead = int(db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+        db.execute("COMMIT")
+    return OutboxSnapshot(last_seq, dict(queued), dead)
 
 
-async def gateway_sigkill(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    assert rig.gateway is not None
-    rig.gateway.kill()
-    rig.gateway.wait()
-    rig.start_gateway()
-    return None, 0.0
+@dataclass
+class Tally:
+    produced: int = 0
+    delivered: int = 0
+    duplicated: int = 0
+    queued: int = 0
+    dead: int = 0
+    missing: dict[str, list[int]] = field(default_factory=dict)
+    """Stream -> seqs numbered, no longer queued, never received: lost."""
+
+    @property
+    def lost(self) -> int:
+        return sum(len(seqs) for seqs in self.missing.values())
 
 
-async def unplug(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    sim = rig.sims["ventilator"]
-    sim.kill()
-    await asyncio.sleep(args.settle)
-    sim.start()
-    return "ventilator", args.settle
+def tally(outbox: OutboxSnapshot, received: Mapping[str, set[int]],
+          copies: Iterable[tuple[str, int]]) -> Tally:
+    """Loss accounting of one outbox: ``received`` holds the (stream -> seqs) that reached the
+    hospital, ``copies`` (stream, copies received) per ``msg_id``."""
+    result = Tally(queued=sum(len(s) for s in outbox.queued.values()), dead=outbox.dead)
+    for stream, last in outbox.last_seq.items():
+        got = received.get(stream, set())
+        result.produced += last
+        result.delivered += sum(1 for seq in got if seq <= last)
+        missing = set(range(1, last + 1)) - got - outbox.queued.get(stream, set())
+        if missing:
+            result.missing[stream] = sorted(missing)
+    result.duplicated = sum(n - 1 for stream, n in copies if stream in outbox.last_seq)
+    return result
 
 
-async def stall(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    sim = rig.sims["oximeter"]
-    assert sim.proc is not None
-    os.kill(sim.proc.pid, signal.SIGSTOP)
-    await asyncio.sleep(args.settle)
-    os.kill(sim.proc.pid, signal.SIGCONT)
-    return "oximeter", args.settle
+def colliding_streams(snapshots: Mapping[str, OutboxSnapshot]) -> set[str]:
+    """Streams numbered by more than one outbox: the hospital could not tell them apart."""
+    owners: dict[str, int] = defaultdict(int)
+    for snapshot in snapshots.values():
+        for stream in snapshot.last_seq:
+            owners[stream] += 1
+    return {stream for stream, count in owners.items() if count > 1}
 
 
-async def noisy_line(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    sim = rig.sims["urine-astm"]
-    sim.kill()
-    sim.start("--corrupt-rate", "0.003", "--drop-rate", "0.003", "--seed", "7")
-    await asyncio.sleep(args.settle * 2)
-    sim.kill()
-    sim.start()
-    return "urine-astm", args.settle * 2
+async def drain(part: Part, timeout: float) -> Check:
+    """Wait until the part's outbox is empty once (its daemon keeps up; a record numbered
+    after that is still accounted: queued or delivered)."""
+    deadline = time.monotonic() + timeout
+    while (left := sum(map(len, read_outbox(part.outbox_path).queued.values()))) and \
+            time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    return Check(part.name, "outbox drained (empty once) at the end", not left,
+                 f"{left} records still queued after {timeout:.0f} s" if left else "yes")
 
 
-async def disk_full(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    """The gateway may not write past the first 4 KiB of any file: SQLite gets EFBIG
-    ("database or disk is full") on every commit, as on a full disk."""
-    assert rig.gateway is not None
-    pid = rig.gateway.pid
-    limits = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (4096, limits[1]))
-    await asyncio.sleep(args.settle)
-    with contextlib.suppress(ProcessLookupError):
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
-    return None, args.settle
+async def account(rig: Rig) -> tuple[dict[str, Tally], Check]:
+    """After the drain, wait (briefly) for what the broker acknowledged to reach the
+    subscriber; per part, what was produced, delivered, duplicated, lost, still queued; and
+    whether the parts' stream names let the subscriber tell their messages apart."""
+    snapshots = {part.name: read_outbox(part.outbox_path) for part in rig.parts}
+    collisions = colliding_streams(snapshots)
+    distinct = Check("rig", "stream names distinct across outboxes", not collisions,
+                     ", ".join(sorted(collisions)) or "yes")
+    deadline = time.monotonic() + 10  # broker -> subscriber, after the daemon's PUBACK
+    while True:
+        copies = [(rig.hospital.stream_of[m], n) for m, n in rig.hospital.seen.items()]
+        tallies = {name: tally(snapshot, rig.hospital.by_stream, copies)
+                   for name, snapshot in snapshots.items()}
+        if time.monotonic() > deadline or not any(t.missing for t in tallies.values()):
+            return tallies, distinct
+        await asyncio.sleep(0.5)
 
 
-async def clock_jump(rig: Rig, args: argparse.Namespace) -> tuple[str | None, float]:
-    sim = rig.sims["urine-printout"]
-    sim.kill()
-    sim.start("--clock-offset", "3600")
-    return "urine-printout", 0.0
-
-
-SCHEDULE: list[tuple[str, Fault]] = [
-    ("broker restart", broker_restart), ("broker unreachable", broker_outage),
-    ("SIGKILL gateway", gateway_sigkill), ("serial unplug/replug", unplug),
-    ("stalled device", stall), ("corrupt+dropped bytes", noisy_line),
-    ("disk nearly full", disk_full), ("device clock jump", clock_jump),
-]
-
+# --- processes ---------------------------------------------------------------------------------
 
 def child_pids() -> set[int]:
+    """Live (non-zombie) children of this process."""
     me = str(os.getpid())
     found = set()
     for entry in Path("/proc").iterdir():
@@ -305,89 +285,107 @@ def child_pids() -> set[int]:
     return found
 
 
-async def drain(rig: Rig, timeout: float) -> int:
-    """Wait until the outbox holds no record; return how many are left at the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.closing(rig.outbox()) as db:
-            left = int(db.execute("SELECT count(*) FROM records").fetchone()[0])
-        if not left or time.monotonic() > deadline:
-            return left
-        await asyncio.sleep(0.5)
+def run_loads(parts: Sequence[Part]) -> dict[str, asyncio.Task[None]]:
+    return {part.name: asyncio.create_task(part.load(), name=f"load-{part.name}")
+            for part in parts}
 
+
+async def stop_loads(loads: Mapping[str, asyncio.Task[None]]) -> list[Check]:
+    """Cancel the workloads; a workload that had died meanwhile is a broken invariant."""
+    checks = []
+    for name, task in loads.items():
+        crashed = task.done() and not task.cancelled() and task.exception() is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        checks.append(Check(name, "workload ran to the end", not crashed,
+                            repr(task.exception()) if crashed else "cancelled at the end"))
+    return checks
+
+
+# --- the campaign ------------------------------------------------------------------------------
 
 async def campaign(args: argparse.Namespace) -> bool:
+    parts = [make_part(name) for name in args.parts]
     work = Path(tempfile.mkdtemp(prefix="medge-chaos-"))
-    rig = Rig(work, rate=args.rate)
-    rig.start()
-    listener = asyncio.create_task(rig.hospital.run())
+    print(f"chaos: parts {', '.join(args.parts)}; work dir {work}", flush=True)
     outcomes: list[Outcome] = []
-    try:
-        await asyncio.wait_for(rig.hospital.connected.wait(), 30)
-        await asyncio.sleep(args.settle)  # every device delivering before the first fault
+    checks: list[Check] = []
+    async with Rig(work, args.rate, parts) as rig:
+        loads = run_loads(rig.parts)
+        await asyncio.sleep(args.settle)  # every part working before the first fault
         for _ in range(args.rounds):
-            for kind, fault in SCHEDULE:
-                device, lasted = await fault(rig, args)
-                ended = time.monotonic()
-                recovery = await rig.hospital.next_from(device, ended, args.recovery_timeout)
-                outcomes.append(Outcome(kind, lasted, recovery))
-                print(f"  {kind:<24} lasted {lasted:5.1f} s, recovered in "
-                      f"{'—' if recovery is None else f'{recovery:.1f} s'}", flush=True)
+            for owner, kind, fault in schedule(rig):
+                outcomes.append(await inject(owner, kind, fault, args))
                 await asyncio.sleep(args.settle)
-        left = await drain(rig, args.recovery_timeout)
-        await asyncio.sleep(2)  # the last acknowledged messages reach the subscriber
-        with contextlib.closing(rig.outbox()) as db:
-            last_seq = dict(db.execute("SELECT stream, last_seq FROM streams").fetchall())
-            dead = int(db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
-        rig.stop()
+        checks += await stop_loads(loads)
+        for part in rig.parts:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(part.settle(args.settle_timeout), args.settle_timeout + 5)
+        checks += [await drain(part, args.recovery_timeout) for part in rig.parts]
+        tallies, distinct = await account(rig)
+        for part in rig.parts:
+            checks += await part.check()
+        checks.append(distinct)
     leftovers = child_pids()
-    return report(rig, outcomes, last_seq, left, dead, leftovers)
+    return report(outcomes, tallies, checks, leftovers)
 
 
-def report(rig: Rig, outcomes: list[Outcome], last_seq: dict[str, int], left: int, dead: int,
+def report(outcomes: Sequence[Outcome], tallies: Mapping[str, Tally], checks: Sequence[Check],
            leftovers: set[int]) -> bool:
-    produced = sum(last_seq.values())
-    missing = {stream: sorted(set(range(1, last + 1)) - rig.hospital.by_stream[stream])
-               for stream, last in last_seq.items()}
-    lost = sum(len(seqs) for seqs in missing.values())
-    delivered = len(rig.hospital.seen)
-    duplicated = sum(count - 1 for count in rig.hospital.seen.values())
-    print(f"\n{'fault':<24} | {'count':>5} | {'lasted s':>8} | {'recovery s (max)':>16}")
-    print("-" * 63)
-    by_kind: dict[str, list[Outcome]] = defaultdict(list)
+    print(f"\n{'fault':<34} | {'count':>5} | {'lasted s':>8} | {'recovery s (worst)':>18}")
+    print("-" * 75)
+    by_kind: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     for outcome in outcomes:
-        by_kind[outcome.kind].append(outcome)
-    for kind, items in by_kind.items():
+        by_kind[(outcome.owner, outcome.kind)].append(outcome)
+    for (owner, kind), items in by_kind.items():
         times = [o.recovery_s for o in items]
         worst = "never" if None in times else f"{max(t for t in times if t is not None):.1f}"
-        print(f"{kind:<24} | {len(items):>5} | {items[0].injected_for_s:>8.1f} | {worst:>16}")
-    print(f"\nmessages produced (outbox seq) {produced}, delivered {delivered}, duplicated "
-          f"{duplicated}, lost {lost}, still queued {left}, dead letters {dead}")
-    for stream, seqs in missing.items():
-        if seqs:
+        print(f"{owner + ': ' + kind:<34} | {len(items):>5} | {items[0].lasted_s:>8.1f} | "
+              f"{worst:>18}")
+    print(f"\n{'part':<8} | {'produced':>8} | {'delivered':>9} | {'duplicated':>10} | "
+          f"{'lost':>5} | {'queued':>6} | {'dead letters':>12}")
+    print("-" * 78)
+    for name, t in tallies.items():
+        print(f"{name:<8} | {t.produced:>8} | {t.delivered:>9} | {t.duplicated:>10} | "
+              f"{t.lost:>5} | {t.queued:>6} | {t.dead:>12}")
+        for stream, seqs in t.missing.items():
             print(f"  missing on {stream}: seq {seqs[:20]}{' …' if len(seqs) > 20 else ''}")
-    log = (rig.work / "gateway.log").read_text(errors="replace")
-    print(f"outbox store failures logged by the gateway (disk-full fault biting): "
-          f"{log.count('outbox store unavailable')}")
-    print(f"processes left behind: {len(leftovers)}")
-    ok = lost == 0 and not leftovers and all(o.recovery_s is not None for o in outcomes)
+    print(f"\n{'part':<8} | {'check':<58} | ok")
+    print("-" * 75)
+    for check in checks:
+        print(f"{check.part:<8} | {check.name:<58} | {'yes' if check.ok else 'NO'}  "
+              f"{check.detail}")
+    print(f"\nprocesses left behind: {len(leftovers)} {sorted(leftovers) or ''}")
+    ok = (all(o.recovery_s is not None for o in outcomes) and all(c.ok for c in checks)
+          and all(t.lost == 0 and t.dead == 0 for t in tallies.values())
+          and not leftovers)
     print("INVARIANTS", "HOLD" if ok else "BROKEN")
     return ok
+
+
+def parts_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no part named")
+    return names
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", type=parts_arg, default=available_parts(),
+                        help="comma-separated (default: every part whose module exists)")
     parser.add_argument("--outage", type=float, default=20.0,
                         help="seconds the broker stays unreachable (default 20)")
+    parser.add_argument("--pacs-outage", type=float, default=30.0,
+                        help="seconds Orthanc stays down (default 30)")
     parser.add_argument("--settle", type=float, default=8.0,
                         help="seconds between faults and of each timed fault (default 8)")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the schedule")
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
+    parser.add_argument("--settle-timeout", type=float, default=180.0,
+                        help="seconds for the parts' workloads to come to rest (default 180)")
     parser.add_argument("--rate", type=float, default=120.0,
                         help="times the realistic device pace (default 120: many messages)")
     return 0 if asyncio.run(campaign(parser.parse_args())) else 1

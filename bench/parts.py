@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -45,6 +46,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -186,12 +188,12 @@ class Hospital:
     by_stream: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     stream_of: dict[str, str] = field(default_factory=dict)
     """``msg_id`` -> its stream (per-part delivered/duplicated counts)."""
-    latest: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
-    """(device, kind) -> (monotonic receipt time, decoded message)."""
+    latest: dict[tuple[str, str], tuple[float, float, Any]] = field(default_factory=dict)
+    """(device, kind) -> (monotonic receipt time, epoch sent, decoded message)."""
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon name -> its newest health body (``tasks``, ``outbox``, ``link``...)."""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
-    _waiters: list[tuple[Callable[[str, str], bool], asyncio.Future[float]]] = field(
+    _waiters: list[tuple[Callable[[str, str, float], bool], asyncio.Future[float]]] = field(
         default_factory=list)
 
     async def run(self) -> None:
@@ -217,14 +219,15 @@ class Hospital:
         except ValueError:
             return  # not a medge message, or not JSON (the subscriber does not judge)
         now = time.monotonic() if now is None else now
-        self.latest[(device, kind)] = (now, message)
+        sent = _sent_at(message, time.time() - time.monotonic() + now)
+        self.latest[(device, kind)] = (now, sent, message)
         if isinstance(message, dict) and "msg_id" in message:
             self.seen[str(message["msg_id"])] += 1
             self.stream_of[str(message["msg_id"])] = str(message["stream"])
             self.by_stream[str(message["stream"])].add(int(message["seq"]))
         elif kind == "health" and isinstance(message, dict) and "daemon" in message:
             self.health[str(message["daemon"])] = message
-        for waiter in [w for w in self._waiters if w[0](device, kind)]:
+        for waiter in [w for w in self._waiters if w[0](device, kind, sent)]:
             self._waiters.remove(waiter)
             if not waiter[1].done():
                 waiter[1].set_result(now)
@@ -232,16 +235,22 @@ class Hospital:
     async def arrival(self, after: float, device: str | None = None,
                       kind: str | None = "obs") -> float:
         """The receipt time (``time.monotonic()``) of the first message from ``device`` (any if
-        None) of ``kind`` (any if None) received after ``after``; waits for it if none yet."""
+        None) of ``kind`` (any if None) received after ``after`` and, if it is an outbox
+        envelope, sent after ``after`` (its ``sent_at``: a copy the broker held from before the
+        fault does not count); waits for it if none yet."""
         return await self.arrival_from(after, None if device is None else {device}, kind)
 
     async def arrival_from(self, after: float, devices: Collection[str] | None,
                            kind: str | None = "obs") -> float:
         """``arrival`` from any of ``devices`` (any device if None)."""
-        def match(device: str, kind_: str) -> bool:
-            return (devices is None or device in devices) and kind in (None, kind_)
+        after_wall = time.time() - time.monotonic() + after
 
-        times = [at for (d, k), (at, _) in self.latest.items() if match(d, k) and at > after]
+        def match(device: str, kind_: str, sent: float) -> bool:
+            return ((devices is None or device in devices) and kind in (None, kind_)
+                    and sent >= after_wall)
+
+        times = [at for (d, k), (at, sent, _) in self.latest.items()
+                 if match(d, k, sent) and at > after]
         if times:
             return min(times)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -252,6 +261,14 @@ class Hospital:
         finally:
             if waiter in self._waiters:  # cancelled (timed out) before a message came
                 self._waiters.remove(waiter)
+
+
+def _sent_at(message: Any, received: float) -> float:
+    """The envelope's ``sent_at`` (epoch s, rounded up to its millisecond), else ``received``."""
+    if isinstance(message, dict) and isinstance(message.get("sent_at"), str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(message["sent_at"]).timestamp() + 0.001
+    return received
 
 
 @dataclass(frozen=True)

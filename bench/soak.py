@@ -1,10 +1,14 @@
-"""bench/soak (``make soak``): the gateway with its device simulators at ``--rate`` times the
-realistic pace (default 10×) against a real mosquitto for ``--minutes`` (default 60; 5 for a
-smoke run), sampling the gateway process: RSS, open file descriptors, threads, asyncio tasks
-(from its health message), CPU, outbox depth and deliveries. Reports the RSS slope after the
-warm-up (first fifth) and checks zero loss at the end (docs/reliability.md).
+"""bench/soak (``make soak``): every daemon (the chaos parts, bench/parts.py: gateway, scanner,
+robot) with its simulators and workload at ``--rate`` times the realistic pace (default 10x)
+against a real mosquitto and Orthanc for ``--minutes`` (default 60; 5 for a smoke run), no
+faults. Every ``--sample`` seconds each daemon process is sampled: RSS, open file descriptors,
+threads, asyncio tasks (from its health message), CPU since start, outbox depth, deliveries.
 
-    .venv/bin/python -m bench.soak [--minutes 60] [--rate 10] [--sample 10]
+Reports per daemon the RSS slope after the warm-up (first fifth of the run) and the ranges, and
+checks zero loss across every outbox, every part's own invariants and that no process is left
+behind (docs/reliability.md).
+
+    .venv/bin/python -m bench.soak [--parts gateway,scanner,robot] [--minutes 60] [--rate 10]
 """
 
 from __future__ import annotations
@@ -12,18 +16,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
-
-from bench.chaos import Rig, child_pids, drain
+from bench.chaos import (
+    Rig,
+    Tally,
+    account,
+    child_pids,
+    drain,
+    parts_arg,
+    run_loads,
+    stop_loads,
+)
 from bench.gateway import cpu_seconds, rss_mib
+from bench.parts import Check, Hospital, Part, available_parts, make_part
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float
+    rss_mib: float
+    fds: int
+    threads: int
+    tasks: int
+    """From the daemon's newest health message; -1 before the first."""
+    outbox: int
+    delivered: int
+    cpu_pct: float
+    """Mean since the process started being sampled, % of one core."""
 
 
 def fd_count(pid: int) -> int:
@@ -37,19 +66,15 @@ def threads(pid: int) -> int:
     return 0
 
 
-async def health_tasks(port: int, into: dict[str, int]) -> None:
-    """Keep ``into["tasks"]`` at the gateway's latest reported asyncio task count."""
-    while True:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async with aiomqtt.Client("127.0.0.1", port, identifier="soak-health") as client:
-                await client.subscribe("medge/v1/+/+/gateway/health")
-                async for message in client.messages:
-                    body = json.loads(bytes(message.payload))
-                    into["tasks"] = int(body.get("body", body).get("tasks", -1))
-        await asyncio.sleep(1)
+def outbox_depth(path: Path) -> tuple[int, set[str]]:
+    """Records waiting in the outbox, and the streams it has numbered."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+        depth = int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+        streams = {str(row[0]) for row in db.execute("SELECT stream FROM streams")}
+    return depth, streams
 
 
-def slope_per_hour(points: list[tuple[float, float]]) -> float:
+def slope_per_hour(points: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, MiB) in MiB per hour."""
     if len(points) < 2:
         return 0.0
@@ -60,64 +85,125 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
         (x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / den
 
 
+class Sampler:
+    """Samples each part's daemon process; notices restarts (a new pid) on the way."""
+
+    def __init__(self, parts: Sequence[Part], hospital: Hospital) -> None:
+        self.parts = parts
+        self.hospital = hospital
+        self.start = time.monotonic()
+        self.samples: dict[str, list[Sample]] = defaultdict(list)
+        self.pids: dict[str, set[int]] = defaultdict(set)
+        self._cpu0: dict[int, tuple[float, float]] = {}
+
+    def sample(self, part: Part) -> Sample | None:
+        pid = part.daemon_pid()
+        if pid is None:
+            return None
+        now = time.monotonic()
+        try:
+            cpu = cpu_seconds(pid)
+            cpu_at, cpu_then = self._cpu0.setdefault(pid, (now, cpu))
+            depth, streams = outbox_depth(part.outbox_path)
+            row = Sample(
+                t=now - self.start, rss_mib=rss_mib(pid), fds=fd_count(pid),
+                threads=threads(pid),
+                tasks=int(self.hospital.health.get(part.daemon, {}).get("tasks", -1)),
+                outbox=depth,
+                delivered=sum(len(self.hospital.by_stream.get(s, ())) for s in streams),
+                cpu_pct=0.0 if now == cpu_at else 100 * (cpu - cpu_then) / (now - cpu_at))
+        except (OSError, sqlite3.Error):  # the process died or the outbox is not there yet
+            return None
+        self.pids[part.name].add(pid)
+        self.samples[part.name].append(row)
+        return row
+
+    async def run(self, seconds: float, every: float) -> None:
+        print(f"{'part':<8} | {'t s':>6} | {'RSS MiB':>7} | {'fds':>4} | {'thr':>3} | "
+              f"{'tasks':>5} | {'outbox':>6} | {'delivered':>9} | {'CPU %':>5}", flush=True)
+        while time.monotonic() - self.start < seconds:
+            await asyncio.sleep(every)
+            for part in self.parts:
+                s = self.sample(part)
+                if s is not None:
+                    print(f"{part.name:<8} | {s.t:>6.0f} | {s.rss_mib:>7.1f} | {s.fds:>4} | "
+                          f"{s.threads:>3} | {s.tasks:>5} | {s.outbox:>6} | {s.delivered:>9} | "
+                          f"{s.cpu_pct:>5.1f}", flush=True)
+
+
 async def soak(args: argparse.Namespace) -> bool:
-    rig = Rig(Path(tempfile.mkdtemp(prefix="medge-soak-")), rate=args.rate)
-    rig.start()
-    listener = asyncio.create_task(rig.hospital.run())
-    health: dict[str, int] = {"tasks": -1}
-    watcher = asyncio.create_task(health_tasks(rig.broker.port, health))
-    samples: list[tuple[float, float, int, int, int, int, int, float]] = []
-    try:
-        await asyncio.wait_for(rig.hospital.connected.wait(), 30)
-        assert rig.gateway is not None
-        pid, start = rig.gateway.pid, time.monotonic()
-        cpu0 = cpu_seconds(pid)
-        print(f"{'t s':>6} | {'RSS MiB':>7} | {'fds':>4} | {'thr':>3} | {'tasks':>5} | "
-              f"{'outbox':>6} | {'delivered':>9} | {'CPU %':>5}")
-        while (elapsed := time.monotonic() - start) < args.minutes * 60:
-            await asyncio.sleep(args.sample)
-            elapsed = time.monotonic() - start
-            cpu = 100 * (cpu_seconds(pid) - cpu0) / elapsed
-            with contextlib.closing(rig.outbox()) as db:
-                depth = int(db.execute("SELECT count(*) FROM records").fetchone()[0])
-            row = (elapsed, rss_mib(pid), fd_count(pid), threads(pid), health["tasks"], depth,
-                   len(rig.hospital.seen), cpu)
-            samples.append(row)
-            print(f"{row[0]:>6.0f} | {row[1]:>7.1f} | {row[2]:>4} | {row[3]:>3} | {row[4]:>5} | "
-                  f"{row[5]:>6} | {row[6]:>9} | {row[7]:>5.1f}", flush=True)
-        left = await drain(rig, 60)
-        await asyncio.sleep(2)
-        with contextlib.closing(rig.outbox()) as db:
-            last_seq = dict(db.execute("SELECT stream, last_seq FROM streams").fetchall())
-    finally:
-        for task in (listener, watcher):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        rig.stop()
-    warm = [s for s in samples if s[0] >= args.minutes * 60 / 5]
-    lost = sum(len(set(range(1, last + 1)) - rig.hospital.by_stream[stream])
-               for stream, last in last_seq.items())
-    duplicated = sum(count - 1 for count in rig.hospital.seen.values())
-    spread = {name: (min(s[i] for s in warm), max(s[i] for s in warm)) if warm else (0, 0)
-              for name, i in (("fds", 2), ("threads", 3), ("tasks", 4), ("outbox", 5))}
-    print(f"\nafter warm-up ({len(warm)} samples): RSS slope "
-          f"{slope_per_hour([(s[0], s[1]) for s in warm]):+.2f} MiB/h; "
-          + ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in spread.items()))
-    print(f"messages produced {sum(last_seq.values())}, delivered {len(rig.hospital.seen)}, "
-          f"duplicated {duplicated}, lost {lost}, still queued {left}; "
-          f"mean CPU {samples[-1][7] if samples else 0:.1f} %; "
-          f"processes left behind {len(child_pids())}")
-    return lost == 0 and not child_pids()
+    parts = [make_part(name) for name in args.parts]
+    work = Path(tempfile.mkdtemp(prefix="medge-soak-"))
+    print(f"soak: parts {', '.join(args.parts)} at {args.rate}x for {args.minutes} min; "
+          f"work dir {work}", flush=True)
+    checks: list[Check] = []
+    async with Rig(work, args.rate, parts) as rig:
+        loads = run_loads(rig.parts)
+        sampler = Sampler(rig.parts, rig.hospital)
+        await sampler.run(args.minutes * 60, args.sample)
+        checks += await stop_loads(loads)
+        for part in rig.parts:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(part.settle(args.settle_timeout), args.settle_timeout + 5)
+        checks += [await drain(part, 120) for part in rig.parts]
+        tallies, distinct = await account(rig)
+        checks.append(distinct)
+        for part in rig.parts:
+            checks += await part.check()
+            pids = sampler.pids[part.name]
+            checks.append(Check(part.name, "daemon never restarted during the soak",
+                                len(pids) <= 1, f"pids {sorted(pids)}"))
+    leftovers = child_pids()
+    return report(args, sampler.samples, tallies, checks, leftovers)
+
+
+def report(args: argparse.Namespace, samples: dict[str, list[Sample]],
+           tallies: dict[str, Tally], checks: list[Check], leftovers: set[int]) -> bool:
+    warm_up = args.minutes * 60 / 5
+    print(f"\nafter the warm-up (first {warm_up:.0f} s):")
+    print(f"{'part':<8} | {'n':>4} | {'RSS MiB':>13} | {'slope MiB/h':>11} | {'fds':>7} | "
+          f"{'threads':>7} | {'tasks':>7} | {'outbox':>7} | {'CPU %':>5} | {'produced':>8} | "
+          f"{'delivered':>9} | {'dup':>4} | {'lost':>4}")
+    print("-" * 126)
+
+    def spread(rows: list[Sample], attr: str) -> str:
+        values = [getattr(s, attr) for s in rows]
+        return f"{min(values)}..{max(values)}" if values else "-"
+
+    for name, tally in tallies.items():
+        warm = [s for s in samples.get(name, []) if s.t >= warm_up]
+        rss = f"{warm[0].rss_mib:.1f}->{warm[-1].rss_mib:.1f}" if warm else "-"
+        slope = slope_per_hour([(s.t, s.rss_mib) for s in warm])
+        cpu = warm[-1].cpu_pct if warm else 0.0
+        print(f"{name:<8} | {len(warm):>4} | {rss:>13} | {slope:>+11.2f} | "
+              f"{spread(warm, 'fds'):>7} | {spread(warm, 'threads'):>7} | "
+              f"{spread(warm, 'tasks'):>7} | {spread(warm, 'outbox'):>7} | {cpu:>5.1f} | "
+              f"{tally.produced:>8} | {tally.delivered:>9} | {tally.duplicated:>4} | "
+              f"{tally.lost:>4}")
+        for stream, seqs in tally.missing.items():
+            print(f"  missing on {stream}: seq {seqs[:20]}{' …' if len(seqs) > 20 else ''}")
+    print()
+    for check in checks:
+        print(f"{check.part:<8} | {check.name:<58} | {'yes' if check.ok else 'NO'}  "
+              f"{check.detail}")
+    print(f"processes left behind: {len(leftovers)} {sorted(leftovers) or ''}")
+    ok = (all(c.ok for c in checks) and not leftovers
+          and all(t.lost == 0 and t.dead == 0 for t in tallies.values()))
+    print("SOAK", "OK (zero loss; read the RSS slopes above)" if ok else "BROKEN")
+    return ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", type=parts_arg, default=available_parts(),
+                        help="comma-separated (default: every part whose module exists)")
     parser.add_argument("--minutes", type=float, default=60.0, help="duration (default 60)")
     parser.add_argument("--rate", type=float, default=10.0,
                         help="times the realistic device pace (default 10)")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument("--settle-timeout", type=float, default=180.0,
+                        help="seconds for the parts' workloads to come to rest (default 180)")
     return 0 if asyncio.run(soak(parser.parse_args())) else 1
 
 

@@ -1,0 +1,103 @@
+"""The pure logic of bench/chaos and bench/soak: loss accounting across outboxes, the fault
+schedule, the hospital subscriber's bookkeeping and recovery probes, the RSS slope."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from bench.chaos import OutboxSnapshot, colliding_streams, interleave, tally
+from bench.parts import Hospital
+from bench.soak import slope_per_hour
+
+TOPIC = "medge/v1/site/node/{device}/{kind}"
+
+
+def envelope(stream: str, seq: int, msg_id: str, sent: float | None = None) -> bytes:
+    sent_at = datetime.fromtimestamp(time.time() if sent is None else sent, UTC)
+    return json.dumps({"msg_id": msg_id, "stream": stream, "seq": seq,
+                       "sent_at": sent_at.isoformat(timespec="milliseconds"),
+                       "body": {}}).encode()
+
+
+def test_tally_counts_what_was_numbered_and_never_arrived_as_lost() -> None:
+    outbox = OutboxSnapshot(last_seq={"a/obs": 5, "b/obs": 2}, queued={"a/obs": {5}}, dead=1)
+    received = {"a/obs": {1, 2, 4}, "b/obs": {1, 2}, "other/obs": {1}}
+    copies = [("a/obs", 2), ("a/obs", 1), ("b/obs", 3), ("other/obs", 4)]
+
+    result = tally(outbox, received, copies)
+
+    assert result.produced == 7
+    assert result.delivered == 5
+    assert result.missing == {"a/obs": [3]}  # seq 5 is still queued: not lost
+    assert result.lost == 1
+    assert result.queued == 1
+    assert result.dead == 1
+    assert result.duplicated == 3  # the other outbox's copies are not this one's
+
+
+def test_tally_ignores_seqs_numbered_after_the_snapshot() -> None:
+    outbox = OutboxSnapshot(last_seq={"a/obs": 2}, queued={}, dead=0)
+    result = tally(outbox, {"a/obs": {1, 2, 3}}, [])
+    assert (result.produced, result.delivered, result.lost) == (2, 2, 0)
+
+
+def test_streams_numbered_by_two_outboxes_are_reported() -> None:
+    one = OutboxSnapshot({"x/obs": 1, "gateway/alert": 1}, {}, 0)
+    two = OutboxSnapshot({"y/obs": 1, "gateway/alert": 3}, {}, 0)
+    assert colliding_streams({"one": one, "two": two}) == {"gateway/alert"}
+    assert colliding_streams({"one": one}) == set()
+
+
+def test_interleave_takes_one_of_each_list_in_turn() -> None:
+    assert interleave(["s1", "s2", "s3"], ["g1"], ["r1", "r2"]) == \
+        ["s1", "g1", "r1", "s2", "r2", "s3"]
+    assert interleave() == []
+
+
+def test_hospital_counts_envelopes_and_keeps_health_apart() -> None:
+    hospital = Hospital(port=1)
+    hospital.take(TOPIC.format(device="spo2", kind="obs"), envelope("spo2/obs", 1, "m1"))
+    hospital.take(TOPIC.format(device="spo2", kind="obs"), envelope("spo2/obs", 1, "m1"))
+    hospital.take(TOPIC.format(device="gateway", kind="health"),
+                  json.dumps({"daemon": "gateway", "tasks": 17}).encode())
+    hospital.take("elsewhere/topic", b"{}")
+    hospital.take(TOPIC.format(device="spo2", kind="obs"), b"not json")
+
+    assert hospital.seen == {"m1": 2}
+    assert hospital.by_stream == {"spo2/obs": {1}}
+    assert hospital.stream_of == {"m1": "spo2/obs"}
+    assert hospital.health["gateway"]["tasks"] == 17
+
+
+async def test_arrival_waits_for_a_message_sent_after_the_fault() -> None:
+    hospital = Hospital(port=1)
+    topic = TOPIC.format(device="vent", kind="obs")
+    ended = time.monotonic()
+    waiting = asyncio.create_task(hospital.arrival_from(ended, {"vent", "spo2"}))
+    # a copy the broker held from before the fault ended, and another device's: no recovery
+    hospital.take(topic, envelope("vent/obs", 1, "m1", sent=time.time() - 5))
+    hospital.take(TOPIC.format(device="urine", kind="obs"), envelope("urine/obs", 1, "m2"))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+
+    hospital.take(topic, envelope("vent/obs", 2, "m3"), now=ended + 1.5)
+
+    assert await asyncio.wait_for(waiting, 5) == ended + 1.5
+    assert await hospital.arrival(ended, "vent") == ended + 1.5  # already there: at once
+
+
+async def test_a_timed_out_arrival_leaves_no_waiter_behind() -> None:
+    hospital = Hospital(port=1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(hospital.arrival(time.monotonic(), "vent"), 0.01)
+    assert not hospital._waiters
+
+
+def test_rss_slope_is_per_hour() -> None:
+    assert slope_per_hour([(0, 100.0), (1800, 101.0), (3600, 102.0)]) == pytest.approx(2.0)
+    assert slope_per_hour([(0, 100.0)]) == 0.0
