@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(mosquitto mosquitto-clients openssl orthanc orthanc-dicomweb orthanc-wsi dicom3tools systemd chromium)
+APT_PACKAGES=(mosquitto mosquitto-clients openssl orthanc orthanc-dicomweb orthanc-wsi dicom3tools systemd chromium firefox-esr)
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

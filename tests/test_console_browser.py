@@ -48,12 +48,19 @@ async def chromium() -> AsyncIterator[Browser]:
 
 
 @contextlib.asynccontextmanager
-async def console(browser: Browser, r: Rig, operator: str, settings_dir: Path,
-                  init_script: str | None = None) -> AsyncIterator[tuple[Page, ConsoleServer]]:
+async def console_server(r: Rig, operator: str, settings_dir: Path) -> AsyncIterator[ConsoleServer]:
+    """The operator's console server on the rig (shared with tests/test_console_firefox.py)."""
     async with r.operator(operator) as client, \
             ConsoleServer(client, ConsoleInfo(operator, f"127.0.0.1:{r.broker.port}",
                                               r.topics.prefix),
                           SettingsStore(operator, settings_dir)) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def console(browser: Browser, r: Rig, operator: str, settings_dir: Path,
+                  init_script: str | None = None) -> AsyncIterator[tuple[Page, ConsoleServer]]:
+    async with console_server(r, operator, settings_dir) as server:
         context = await browser.new_context(viewport={"width": 1280, "height": 720})
         try:
             page = await context.new_page()
