@@ -254,6 +254,16 @@ class DynamixelBus:
         """Reboot one servo: the only way to clear a latched hardware error."""
         await self._transact(servo_id, Instruction.REBOOT, b"", [servo_id])
 
+    async def reopen(self) -> None:
+        """Close the link and open it again (an adapter replugged), between transactions: a
+        read still pending on the old connection cannot mark the new one closed."""
+        async with self._lock:
+            await self.link.close()
+            try:
+                await self.link.connect()
+            except (LinkError, ConnectionError) as exc:
+                raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
+
 
 @dataclass(frozen=True)
 class ServoState:

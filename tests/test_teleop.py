@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.supervisor import SupervisorConfig
+from firmware_sim.link import Faults
 from medge.localbroker import Mosquitto
 from medge.teleop import TeleopClient
 from tests.teleop_rig import Rig, rig, wait_for
@@ -142,6 +143,25 @@ async def test_estop_latches_until_reset_and_rearm(broker: Mosquitto, tmp_path: 
         assert r.tip()[0] == pytest.approx(stopped_x, abs=1e-4)  # reset alone moves nothing
         assert (await alice.arm()).ok
         await wait_for(lambda: r.tip()[0] > stopped_x + 0.003)
+        await alice.stop_stream()
+
+
+async def test_a_replugged_servo_bus_works_again_after_reset(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """An unplugged bus latches the E-stop; once it is back, the operator's reset reopens it
+    (no daemon restart) and, after a new arm, the robot follows setpoints again."""
+    faults = Faults()
+    async with rig(broker.port, tmp_path, bus_faults=faults) as r, \
+            r.operator("alice") as alice:
+        await drive_right(r, alice)
+        faults.disconnect()  # the adapter pulled out mid-motion; the port is back at once
+        await alice.wait_state(lambda s: "estop_servo_link" in s["reasons"])
+        async with asyncio.timeout(10):
+            while not (await alice.reset()).ok:
+                await asyncio.sleep(0.1)
+        assert (await alice.arm()).ok
+        moved_from = r.tip()[0]
+        await wait_for(lambda: r.tip()[0] > moved_from + 0.003)
         await alice.stop_stream()
 
 

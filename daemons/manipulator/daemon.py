@@ -176,6 +176,7 @@ class ManipulatorDaemon:
         self._arrived = asyncio.Event()
         self._estop_input_active = False
         self.ultrasound: UltrasoundService | None = None
+        self._bus: DynamixelBus | None = None
         self._stopped = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -201,8 +202,8 @@ class ManipulatorDaemon:
         self._sensor = sensor
         self._spawn(sensor.run(), "force-sensor")
         await sensor.wait_reading(2.0)
-        chain = DynamixelChain(DynamixelBus(bus_link, timeout_s=section.bus_timeout_s),
-                               list(section.servo_ids))
+        self._bus = DynamixelBus(bus_link, timeout_s=section.bus_timeout_s)
+        chain = DynamixelChain(self._bus, list(section.servo_ids))
         loop = ControlLoop(chain, self.kinematics, lambda: sensor.latest, section.supervisor,
                            watchdog_s=section.watchdog_s, clock=self.clock)
         await loop.start()
@@ -390,6 +391,7 @@ class ManipulatorDaemon:
         if command is proto.Command.RESET:
             if self._estop_input_active:
                 return proto.Reply(name, False, "estop_input_active", {})
+            await self._reopen_bus()
             return self._decided(name, await loop.reset())
         if command in READ_ONLY_COMMANDS:
             return await self._registration_request(request)
@@ -403,6 +405,16 @@ class ManipulatorDaemon:
             self.goal, self.goal_name = self.section.poses[pose_name].pose, pose_name
             return proto.Reply(name, True, "ok", {"pose": pose_name, "target": list(self.goal)})
         return await self._registration_request(request)
+
+    async def _reopen_bus(self) -> None:
+        """A bus that failed (adapter unplugged, device gone) stays closed, and its failure
+        latched the E-stop; the operator's reset opens it again, so a replugged bus works
+        without restarting the daemon. Nothing moves before the reset and a new arm."""
+        bus = self._bus
+        if bus is None or bus.link.is_open:
+            return
+        await bus.reopen()
+        log.info("servo bus reopened", bus=bus.link.url)
 
     def _require_lease(self, operator: str) -> None:
         if self.control.supervisor.operator != operator:
