@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sqlite3
 import sys
@@ -126,15 +127,31 @@ SHARED_FAULTS: list[tuple[str, SharedFault]] = [
     ("PACS down", pacs_down)]
 
 
+class EveryPartWorking:
+    """The recovery probe after a shared fault: every part's ``working``; remembers each
+    part's time (the report names the slowest)."""
+
+    def __init__(self, parts: Sequence[Part]) -> None:
+        self.parts = parts
+        self.ended = time.monotonic()
+        self.times: dict[str, float] = {}
+
+    async def __call__(self) -> None:
+        async def one(part: Part) -> None:
+            await part.working(self.ended)
+            self.times[part.name] = time.monotonic() - self.ended
+        await asyncio.gather(*(one(part) for part in self.parts))
+
+    def detail(self) -> str:
+        return ", ".join(f"{part.name} {self.times[part.name]:.1f} s" if part.name in self.times
+                         else f"{part.name} —" for part in self.parts)
+
+
 def shared_fault(rig: Rig, action: SharedFault) -> Fault:
     """A rig fault as a ``Fault``: recovered when every part works again."""
     async def fault(args: argparse.Namespace) -> tuple[Recovered, float]:
         lasted = await action(rig, args)
-        ended = time.monotonic()
-
-        async def recovered() -> None:
-            await asyncio.gather(*(part.working(ended) for part in rig.parts))
-        return recovered, lasted
+        return EveryPartWorking(rig.parts), lasted
     return fault
 
 
@@ -160,6 +177,8 @@ class Outcome:
     lasted_s: float
     recovery_s: float | None
     """None: not recovered within ``--recovery-timeout``."""
+    detail: str = ""
+    """Per part, after a shared fault."""
 
 
 async def inject(owner: str, kind: str, fault: Fault, args: argparse.Namespace) -> Outcome:
@@ -170,10 +189,11 @@ async def inject(owner: str, kind: str, fault: Fault, args: argparse.Namespace) 
         recovery: float | None = time.monotonic() - ended
     except TimeoutError:
         recovery = None
-    outcome = Outcome(owner, kind, lasted, recovery)
+    detail = recovered.detail() if isinstance(recovered, EveryPartWorking) else ""
+    outcome = Outcome(owner, kind, lasted, recovery, detail)
     print(f"  {owner:<8} {kind:<26} lasted {lasted:5.1f} s, recovered in "
-          f"{'— (not within the timeout)' if recovery is None else f'{recovery:.1f} s'}",
-          flush=True)
+          f"{'— (not within the timeout)' if recovery is None else f'{recovery:.1f} s'}"
+          f"{f' ({detail})' if detail else ''}", flush=True)
     return outcome
 
 
@@ -286,8 +306,17 @@ def child_pids() -> set[int]:
 
 
 def run_loads(parts: Sequence[Part]) -> dict[str, asyncio.Task[None]]:
-    return {part.name: asyncio.create_task(part.load(), name=f"load-{part.name}")
-            for part in parts}
+    """Each part's workload as a task; one that dies says so at once (it is also a failed
+    check at the end), since the faults after it no longer meet a working part."""
+    def died(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            print(f"  !! {task.get_name()} died: {task.exception()!r}", flush=True)
+
+    loads = {part.name: asyncio.create_task(part.load(), name=f"load-{part.name}")
+             for part in parts}
+    for task in loads.values():
+        task.add_done_callback(died)
+    return loads
 
 
 async def stop_loads(loads: Mapping[str, asyncio.Task[None]]) -> list[Check]:
@@ -341,8 +370,9 @@ def report(outcomes: Sequence[Outcome], tallies: Mapping[str, Tally], checks: Se
     for (owner, kind), items in by_kind.items():
         times = [o.recovery_s for o in items]
         worst = "never" if None in times else f"{max(t for t in times if t is not None):.1f}"
+        slowest = max(items, key=lambda o: math.inf if o.recovery_s is None else o.recovery_s)
         print(f"{owner + ': ' + kind:<34} | {len(items):>5} | {items[0].lasted_s:>8.1f} | "
-              f"{worst:>18}")
+              f"{worst:>18}{f'  ({slowest.detail})' if slowest.detail else ''}")
     print(f"\n{'part':<8} | {'produced':>8} | {'delivered':>9} | {'duplicated':>10} | "
           f"{'lost':>5} | {'queued':>6} | {'dead letters':>12}")
     print("-" * 78)

@@ -14,6 +14,10 @@ How the rig (bench/chaos.py, bench/soak.py) drives a part:
    faults (broker restart, broker unreachable, PACS down) are injected on one interleaved
    schedule. After each fault the rig times ``Recovered`` (own faults) or ``working(ended)``
    of every part (shared faults) with ``--recovery-timeout``.
+   ``load()`` must live through every fault, the shared ones too: while the PACS is down
+   Orthanc's REST API raises (``urllib.error.URLError``, ``ConnectionError``), while the
+   broker is down MQTT clients do; a workload that dies is reported at once
+   (``!! load-NAME died: ...``) and fails the run.
 4. ``load()`` is cancelled, ``settle(timeout)`` awaited, every outbox drained (the rig waits
    until ``records`` is empty), then ``check()``; ``stop()`` always, even after a failure.
 
