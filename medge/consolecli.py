@@ -22,6 +22,7 @@ import aiomqtt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from medge import log
 from medge.console.server import ConsoleInfo, ConsoleServer
 from medge.console.settings import SettingsError, SettingsStore
 from medge.console.spacemouse import SpaceMouseError, SpaceMouseReader, find_devices
@@ -67,6 +68,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    log.configure("info", stream="stderr", daemon="console")  # stdout carries the URL
     try:
         return asyncio.run(_serve(args))
     except (UsageError, SettingsError) as exc:

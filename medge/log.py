@@ -16,19 +16,25 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-class _CurrentStdout:
-    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after set-up)."""
+class _Current:
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is at the time (it may be replaced after
+    set-up)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def write(self, text: str) -> int:
-        return sys.stdout.write(text)
+        return int(getattr(sys, self.name).write(text))
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        getattr(sys, self.name).flush()
 
 
-def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
-    """Configure structlog for this process; ``context`` (daemon, device) goes on every line."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+def configure(level: str = "info", fmt: str = "auto", *, stream: str = "stdout",
+              **context: Any) -> None:
+    """Configure structlog for this process; ``context`` (daemon, device) goes on every line.
+    ``stream="stderr"`` for commands whose stdout is their result (``medge console``'s URL)."""
+    use_json = fmt == "json" or (fmt == "auto" and not getattr(sys, stream).isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
@@ -41,7 +47,7 @@ def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(_CurrentStdout()),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(_Current(stream)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

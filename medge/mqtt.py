@@ -4,7 +4,8 @@
   otherwise take ~90 ms: Nagle plus delayed ACK), optional TLS with client certificate, and
   username/password.
 - Birth and death: a retained ``online`` status on connect, an MQTT will (retained ``offline``)
-  for link loss, and an explicit retained ``offline`` on clean shutdown.
+  for link loss, and an explicit retained ``offline`` on clean shutdown (``announce=False``:
+  none of these, for clients the ACL gives no status topic, e.g. an operator's console).
 - Reconnects forever with capped exponential backoff and full jitter, restoring subscriptions.
   State changes are logged once (connected -> lost -> recovered), not once per retry.
 - :meth:`MqttLink.publish` at QoS 1 returns after the PUBACK and raises :class:`PublishRefused`
@@ -148,12 +149,18 @@ class MqttLink:
         daemon: str,
         *,
         publish_timeout: float = 10.0,
+        announce: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = topics
         self.daemon = daemon
         self.client_id = cfg.client_id or f"medge-{topics.node}-{daemon}"
-        self.status_topic = topics.topic(daemon, "status")
+        self.status_topic = topics.topic(daemon, "status") if announce else None
+        """Birth/death topic; None: the link announces nothing."""
+        self.tls = tls
+        """A TLS context the caller built (the console's, from its options); None: ``cfg.tls``,
+        read again on every connection (a renewed certificate is picked up)."""
         self.publish_timeout = publish_timeout
         self.connected = asyncio.Event()
         self.connections = 0
@@ -166,6 +173,7 @@ class MqttLink:
         self._runner: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._attempted = asyncio.Event()
         self._log = structlog.get_logger().bind(component="mqtt", broker=f"{cfg.host}:{cfg.port}")
         self._state = StateLog(self._log, "broker link")
 
@@ -181,7 +189,7 @@ class MqttLink:
     async def close(self) -> None:
         """Publish the retained ``offline`` status (if connected) and disconnect."""
         self._closing = True
-        if self._client is not None and self.connected.is_set():
+        if self.status_topic is not None and self._client is not None and self.connected.is_set():
             with contextlib.suppress(LinkDown, PublishRefused, aiomqtt.MqttError):
                 await self.publish(self.status_topic, status_payload("offline"), qos=1,
                                    retain=True, timeout=2.0)
@@ -216,6 +224,22 @@ class MqttLink:
         async with asyncio.timeout(timeout):
             await self.connected.wait()
 
+    async def first_attempt(self, timeout: float | None = None) -> None:
+        """Wait for the first connection attempt; :class:`LinkDown` with the broker's error if
+        it failed (a command line reports an unreachable broker or bad credentials at once,
+        while the link keeps retrying behind it)."""
+        async with asyncio.timeout(timeout):
+            await self._attempted.wait()
+        if not self.connected.is_set():
+            raise LinkDown(f"broker {self.cfg.host}:{self.cfg.port}: {self.last_error}")
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        """The current connection (tests publish raw payloads on it); LinkDown without one."""
+        if self._client is None or not self.connected.is_set():
+            raise LinkDown("not connected to the broker")
+        return self._client
+
     # ---- publishing ----------------------------------------------------------------------
 
     async def publish(
@@ -246,8 +270,12 @@ class MqttLink:
     # ---- connection manager --------------------------------------------------------------
 
     def _make_client(self) -> _Client:
-        will_properties = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
-        will_properties.PayloadFormatIndicator = 1
+        will = None
+        if self.status_topic is not None:
+            will_properties = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_properties.PayloadFormatIndicator = 1
+            will = aiomqtt.Will(self.status_topic, status_payload("offline"), qos=1, retain=True,
+                                properties=will_properties)
         password = self.cfg.password_file.value if self.cfg.password_file else None
         return _Client(
             self.cfg.host,
@@ -258,9 +286,8 @@ class MqttLink:
             password=password,
             keepalive=self.cfg.keepalive,
             clean_start=True,
-            tls_context=tls_context(self.cfg),
-            will=aiomqtt.Will(self.status_topic, status_payload("offline"), qos=1, retain=True,
-                              properties=will_properties),
+            tls_context=self.tls if self.tls is not None else tls_context(self.cfg),
+            will=will,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             # Unlimited in paho: the publisher keeps its own window, and paho's limit costs a scan
             # of every queued message on each PUBACK.
@@ -286,6 +313,7 @@ class MqttLink:
                 self._lost(exc)
             finally:
                 self._client = None
+                self._attempted.set()
                 if self.connected.is_set():
                     self.connected.clear()
                     for callback in self._on_disconnect:
@@ -303,15 +331,17 @@ class MqttLink:
     async def _established(self, client: _Client) -> None:
         for subscription in self._subscriptions:
             await client.subscribe(subscription.topic_filter, subscription.qos)
-        try:
-            await client.publish_checked(self.status_topic, status_payload("online"), 1, True,
-                                         None, self.publish_timeout)
-        except PublishRefused as exc:
-            self._log.error("birth message refused; check the broker ACL", error=str(exc))
+        if self.status_topic is not None:
+            try:
+                await client.publish_checked(self.status_topic, status_payload("online"), 1,
+                                             True, None, self.publish_timeout)
+            except PublishRefused as exc:
+                self._log.error("birth message refused; check the broker ACL", error=str(exc))
         self.connections += 1
         self.last_error = None
         self._state.set("connected" if self.connections == 1 else "recovered")
         self.connected.set()
+        self._attempted.set()
         for callback in self._on_connect:
             await callback()
 

@@ -24,11 +24,11 @@ import contextlib
 import itertools
 import json
 import os
-import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -46,8 +46,14 @@ from daemons.manipulator.teleop_protocol import (
     encode_request,
     encode_setpoint,
 )
+from medge.aio import cancel_and_wait
+from medge.config import Secret
+from medge.mqtt import LinkDown, MqttLink
+from medge.settings import MqttSection
+from medge.topics import Topics
 
-__all__ = ["Broker", "ProbePose", "RequestTimeout", "RobotTopics", "TeleopClient", "Twist"]
+__all__ = ["Broker", "LinkDown", "ProbePose", "RequestTimeout", "RobotTopics", "TeleopClient",
+           "Twist"]
 
 SETPOINT_EXPIRY_S = 1
 """MQTT message expiry (whole seconds): the broker drops a setpoint it could not deliver by
@@ -66,10 +72,22 @@ class Broker:
     password: str | None = None
     tls: ssl.SSLContext | None = None
     keepalive: int = 5
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 2.0
+    """One operator, not a fleet: retry often, so the console is back soon after the broker."""
+    connect_timeout: float = 5.0
 
 
 class TeleopClient:
-    """One operator's connection: requests, a setpoint stream, and the robot's state."""
+    """One operator's connection: requests, a setpoint stream, and the robot's state.
+
+    The connection is an :class:`~medge.mqtt.MqttLink` without birth/will (the operator's ACL
+    has no status topic): it reconnects with backoff and restores the subscriptions. Entering
+    waits for the first connection attempt and raises :class:`~medge.mqtt.LinkDown` if it
+    failed. While the link is down, requests and setpoints raise ``LinkDown`` at once, pending
+    requests fail with it, and a running stream skips its sends (the daemon's stale-command
+    rule stops the robot; after 1 s its lease lapses and must be taken again).
+    """
 
     def __init__(
         self,
@@ -96,49 +114,36 @@ class TeleopClient:
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
         self._correlation = itertools.count(1)
         self._state_changed = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self.link = MqttLink(_link_settings(broker, f"teleop-{operator}-{id(self):x}"),
+                             Topics(robot.site, robot.node), robot.robot, announce=False,
+                             tls=broker.tls)
+        self.link.subscribe(self._reply_topic, self._on_reply, qos=1)
+        self.link.subscribe(robot.state, self._on_state, qos=0)
+        self.link.on_disconnect(self._fail_pending)
         self._streamer: asyncio.Task[None] | None = None
         self._command: tuple[bool, Twist | None, ProbePose | None] = (False, None, None)
 
     async def __aenter__(self) -> TeleopClient:
-        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        connect.SessionExpiryInterval = 0
-        broker = self.broker
-        client = aiomqtt.Client(
-            broker.host, broker.port, identifier=f"teleop-{self.operator}-{id(self):x}",
-            username=broker.username, password=broker.password, tls_context=broker.tls,
-            protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, properties=connect,
-            keepalive=broker.keepalive,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
-        await client.__aenter__()
-        self._client = client
+        await self.link.__aenter__()
         try:
-            await client.subscribe(self._reply_topic, qos=1)
-            await client.subscribe(self.robot.state, qos=0)
-        except aiomqtt.MqttError:
-            await client.__aexit__(None, None, None)
+            await self.link.first_attempt(self.broker.connect_timeout + 5.0)
+        except BaseException:
+            await self.link.close()
             raise
-        self._reader = asyncio.create_task(self._read(client), name=f"teleop-{self.operator}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_stream()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
-        self._client = None
+        await self.link.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected.is_set()
 
     @property
     def client(self) -> aiomqtt.Client:
-        if self._client is None:
-            raise RuntimeError("TeleopClient is not connected (use `async with`)")
-        return self._client
+        """The current connection, for raw publishes (tests); ``LinkDown`` without one."""
+        return self.link.client
 
     # --- requests -------------------------------------------------------------------------
 
@@ -159,8 +164,8 @@ class TeleopClient:
         properties.CorrelationData = correlation
         properties.MessageExpiryInterval = max(1, round(timeout))
         try:
-            await self.client.publish(self.robot.request(self.operator), payload, qos=1,
-                                      properties=properties)
+            await self.link.publish(self.robot.request(self.operator), payload, qos=1,
+                                    properties=properties, timeout=timeout)
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
@@ -223,13 +228,10 @@ class TeleopClient:
         properties.MessageExpiryInterval = SETPOINT_EXPIRY_S
         if self.record_sends:
             self.sent[number] = time.monotonic()
-        # Fire and forget, straight to paho: a QoS 0 setpoint is never waited for (aiomqtt's
-        # publish awaits the socket write, and on Python 3.11 its wait_for can swallow the
-        # cancellation that stops a stream).
-        info = self.client._client.publish(
-            self.robot.setpoint(self.operator), encode_setpoint(message), 0, False, properties)
-        if info.rc != 0:
-            raise aiomqtt.MqttCodeError(info.rc, "could not publish the setpoint")
+        # QoS 0 goes straight to paho: never waited for (aiomqtt's own publish awaits the socket
+        # write, and on Python 3.11 its wait_for can swallow the cancellation that stops a stream).
+        await self.link.publish(self.robot.setpoint(self.operator), encode_setpoint(message),
+                                qos=0, properties=properties)
         return number
 
     def command(self, enable: bool, twist: Twist | None = None,
@@ -247,9 +249,7 @@ class TeleopClient:
     async def stop_stream(self) -> None:
         """Stop sending (as a cut link would): the daemon stops the robot on its own."""
         if self._streamer is not None:
-            self._streamer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._streamer
+            await cancel_and_wait([self._streamer])
             self._streamer = None
 
     async def _stream(self, period: float) -> None:
@@ -257,7 +257,8 @@ class TeleopClient:
         next_at = loop.time()
         while True:
             enable, twist, pose = self._command
-            await self.send_setpoint(enable, twist, pose)
+            with contextlib.suppress(LinkDown):  # a cut link is silence; the daemon stops
+                await self.send_setpoint(enable, twist, pose)
             next_at = max(next_at + period, loop.time())
             await asyncio.sleep(next_at - loop.time())
 
@@ -272,23 +273,38 @@ class TeleopClient:
                 await self._state_changed.wait()
         return self.state
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            if message.topic.value == self.robot.state:
-                with contextlib.suppress(ValueError):
-                    document = json.loads(payload)
-                    if isinstance(document, dict):
-                        self.state = document
-                        self.states_received += 1
-                        self._state_changed.set()
-                continue
-            correlation = getattr(message.properties, "CorrelationData", None)
-            future = self._pending.get(bytes(correlation)) if correlation else None
-            if future is not None and not future.done():
-                try:
-                    future.set_result(decode_reply(bytes(payload)))
-                except ProtocolError as exc:
-                    future.set_exception(exc)
+    async def _on_state(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if isinstance(payload, bytes | bytearray):
+            with contextlib.suppress(ValueError):
+                document = json.loads(payload)
+                if isinstance(document, dict):
+                    self.state = document
+                    self.states_received += 1
+                    self._state_changed.set()
+
+    async def _on_reply(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        correlation = getattr(message.properties, "CorrelationData", None)
+        future = self._pending.get(bytes(correlation)) if correlation else None
+        if future is not None and not future.done() and isinstance(payload, bytes | bytearray):
+            try:
+                future.set_result(decode_reply(bytes(payload)))
+            except ProtocolError as exc:
+                future.set_exception(exc)
+
+    def _fail_pending(self) -> None:
+        """The link dropped: replies to the requests in flight will never come (Session Expiry
+        0 drops them with the subscription), so their callers learn it now, not at the timeout."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LinkDown("broker link lost before the reply"))
+
+
+def _link_settings(broker: Broker, client_id: str) -> MqttSection:
+    password = None if broker.password is None else Secret(Path("(operator password)"),
+                                                            broker.password)
+    return MqttSection(host=broker.host, port=broker.port, username=broker.username,
+                       password_file=password, client_id=client_id, keepalive=broker.keepalive,
+                       reconnect_min=broker.reconnect_min_s, reconnect_max=broker.reconnect_max_s,
+                       connect_timeout=broker.connect_timeout)

@@ -19,8 +19,10 @@ import aiomqtt
 
 from daemons.manipulator.teleop_protocol import Reply
 from daemons.manipulator.ultrasound import US_COMMANDS
+from medge import log
 from medge.consolecli import UsageError, _host_port, identity
 from medge.exitcodes import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from medge.mqtt import PublishRefused
 from medge.teleop import RequestTimeout, RobotTopics, TeleopClient
 
 EXIT_REFUSED = 1
@@ -90,12 +92,13 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    log.configure("warning", stream="stderr", daemon="us")  # stdout carries the reply
     try:
         return asyncio.run(_run(args))
     except UsageError as exc:
         print(f"medge us: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (aiomqtt.MqttError, OSError, RequestTimeout) as exc:
+    except (aiomqtt.MqttError, OSError, RequestTimeout, PublishRefused) as exc:
         print(f"medge us: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 

@@ -1,5 +1,6 @@
 """Console pieces without a browser: SpaceMouse reports, input settings, the loopback server's
-HTTP rules (token, host, bad input, stale and reordered page setpoints) against a real broker."""
+HTTP rules (token, host, bad input, stale and reordered page setpoints), its broker link across a
+broker restart, and the live ultrasound image, against a real broker."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import cv2
+import numpy as np
 import pytest
 
-from daemons.manipulator.kinematics import Twist, probe_axis
+from daemons.manipulator.kinematics import ProbePose, Twist, probe_axis
 from daemons.manipulator.teleop_protocol import decode_setpoint
+from daemons.manipulator.ultrasound import PoseSample, StampedFrame, live_payload
 from medge.cli import build_parser, main
 from medge.console.server import ConsoleInfo, ConsoleServer
 from medge.console.settings import InputSettings, SettingsError, SettingsStore, probe_to_base
@@ -123,6 +127,7 @@ def test_deadband_scaling_and_inversion_shape_the_twist() -> None:
 
 @pytest.mark.parametrize(("document", "key"), [
     ({"deadband": 0.9}, "deadband"), ({"linear_m_s": -1}, "linear_m_s"),
+    ({"us_display_hz": 0}, "us_display_hz"), ({"us_display_hz": 120}, "us_display_hz"),
     ({"angular_rad_s": "fast"}, "angular_rad_s"), ({"invert": {"w": True}}, "invert"),
     ({"invert": {"x": 1}}, "invert"), ({"colour": "red"}, "colour"), ([], "settings"),
 ])
@@ -327,7 +332,7 @@ async def test_settings_round_trip_through_the_api_and_the_file(
     async with serving(broker, tmp_path) as console:
         wanted = {"deadband": 0.15, "linear_m_s": 0.01, "angular_rad_s": 0.1,
                   "invert": {"x": True, "y": False, "z": False, "rx": False, "ry": True,
-                             "rz": False}}
+                             "rz": False}, "us_display_hz": 4.0}
         status, reply = await http(console, "POST", "/api/settings", wanted)
         assert status == 200 and reply["settings"] == wanted
         assert json.loads((tmp_path / "alice.json").read_text()) == wanted
@@ -388,3 +393,115 @@ def test_medge_console_prints_its_url_serves_the_page_and_stops_on_sigterm(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# --- broker link -----------------------------------------------------------------------------
+
+async def test_the_console_reconnects_after_a_broker_restart_and_refuses_motion_meanwhile(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console:
+        assert console.snapshot()["broker_link"]["up"]
+        await asyncio.to_thread(broker.stop)
+        await _until(lambda: not console.snapshot()["broker_link"]["up"])
+        started = time.monotonic()
+        status, reply = await http(console, "POST", "/api/setpoint",
+                                   page_setpoint([1.0, 0, 0, 0, 0, 0]))
+        assert (status, reply["error"]) == (503, "broker link lost — reconnecting")
+        status, reply = await http(console, "POST", "/api/command", {"cmd": "arm"})
+        assert (status, reply["error"]) == (503, "broker link lost — reconnecting")
+        assert time.monotonic() - started < 2.0  # refused at once, not after a request timeout
+        assert console.counters.forwarded == 0
+        down = console.snapshot()["broker_link"]
+        assert down["down_ms"] >= 0 and down["error"]
+
+        await asyncio.to_thread(broker.start)
+        await _until(lambda: console.snapshot()["broker_link"]["up"], timeout=15)
+        assert console.snapshot()["broker_link"]["connections"] == 2
+        async with aiomqtt.Client("127.0.0.1", broker.port,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as robot:
+            await robot.subscribe(ROBOT.setpoints)
+            # the subscriptions came back with the link: robot state and the live image
+            await robot.publish(ROBOT.state, json.dumps({"state": "disarmed"}).encode())
+            await robot.publish(f"{ROBOT.state}/us", live_frame(7))
+            await _until(lambda: console.client.state == {"state": "disarmed"}
+                         and console.live.received == 1)
+            status, reply = await http(console, "POST", "/api/setpoint",
+                                       page_setpoint([1.0, 0, 0, 0, 0, 0]))
+            assert (status, reply) == (200, {"ok": True})
+            async with asyncio.timeout(5):
+                message = await anext(aiter(robot.messages))
+            assert isinstance(message.payload, bytes)
+            assert decode_setpoint(message.payload, "alice").enable
+
+
+# --- live ultrasound image -------------------------------------------------------------------
+
+def live_frame(seq: int, *, captured_ago_s: float = 0.05, shade: int = 128) -> bytes:
+    """A live-view message as the manipulator daemon publishes it (its own encoder)."""
+    image = np.full((48, 64), shade, dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    wall = time.time() - captured_ago_s
+    pose = PoseSample(0.0, ProbePose(0.01, -0.002, -0.21, 0.1, 0.0), 4.5)
+    return live_payload(StampedFrame(bytes(jpeg), 48, 64, 0.0, wall, pose), seq, None)
+
+
+async def get_frame(console: ConsoleServer) -> tuple[int, dict[str, Any], bytes]:
+    """``GET /api/us/frame``: status, the X-Us-Frame header (or the error), the JPEG."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", console.port)
+    try:
+        writer.write(f"GET /api/us/frame HTTP/1.1\r\nHost: 127.0.0.1:{console.port}\r\n"
+                     f"X-Console-Token: {console.token}\r\nConnection: close\r\n\r\n".encode())
+        response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    status = int(lines[0].split()[1])
+    if status != 200:
+        return status, json.loads(body), b""
+    return status, json.loads(headers["X-Us-Frame"]), body
+
+
+BAD_FRAMES = [
+    (b"no header line", "header"),
+    (b'{"v": 2}\n\xff\xd8', "version"),
+    (live_frame(9).replace(b'"seq":9', b'"seq":-1'), "seq"),
+    (live_frame(9).replace(b'"force_n":4.5', b'"force_n":"hard"'), "force_n"),
+    (live_frame(9).replace(b'"tip":[', b'"tip":[1,'), "pose.tip"),
+    (live_frame(9).partition(b"\n")[0] + b"\nGIF89a", "JPEG"),
+    (b"x" * (5 * 1024 * 1024), "exceeds"),
+]
+"""(payload, words the refusal names)"""
+
+
+async def test_live_frames_reach_the_page_endpoint_old_ones_skipped_bad_ones_refused(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with serving(broker, tmp_path) as console, \
+            aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5,
+                           max_queued_outgoing_messages=100) as robot:
+        assert (await get_frame(console))[0] == 404  # nothing yet
+        assert console.snapshot()["us"]["frame"] is None
+        frames = [live_frame(seq, shade=40 * seq) for seq in (1, 2, 3)]
+        for frame in frames:
+            await robot.publish(f"{ROBOT.state}/us", frame)
+        await _until(lambda: console.live.received == 3)
+        status, header, jpeg = await get_frame(console)
+        assert status == 200 and jpeg == frames[2].partition(b"\n")[2]  # the newest only
+        assert header["seq"] == 3 and header["force_n"] == 4.5
+        assert header["pose"]["tip"] == [0.01, -0.002, -0.21]
+        assert 50 <= header["age_ms"] < 5000  # captured 50 ms before publishing, then transit
+        summary = console.snapshot()["us"]
+        assert (summary["skipped"], summary["served"], summary["frame"]["seq"]) == (2, 1, 3)
+
+        for payload, words in BAD_FRAMES:
+            refused = console.live.refused
+            await robot.publish(f"{ROBOT.state}/us", payload)
+            await _until(lambda: console.live.refused == refused + 1)  # noqa: B023
+            assert words in (console.live.last_error or ""), (words, console.live.last_error)
+        status, header, _ = await get_frame(console)  # the good frame is still the one shown
+        assert (status, header["seq"]) == (200, 3)
+        summary = console.snapshot()["us"]
+        assert (summary["received"], summary["refused"]) == (3, len(BAD_FRAMES))

@@ -9,7 +9,12 @@ the page only talks to this server. Safety rules that live here:
 * a page setpoint stamped more than ``max_page_age_s`` (100 ms) ago, or not newer than the last
   one, is dropped — a burst the browser flushes after a stall must not drive the robot;
 * POSTs need the session token (a custom header, so other web sites cannot forge them) and a
-  loopback ``Host`` (no DNS rebinding).
+  loopback ``Host`` (no DNS rebinding);
+* while the broker link is down (the client reconnects on its own) setpoints and commands are
+  refused at once with 503, and the state stream says so: the page shows it and stops sending.
+
+The live ultrasound image (``{robot}/state/us``) is kept in one slot (:mod:`.live`); the page
+pulls the newest frame at the operator's display rate.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ import structlog
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.supervisor import SupervisorConfig
 from daemons.manipulator.teleop_protocol import ProtocolError, Reply
+from medge.console.live import LiveImage
 from medge.console.settings import (
     InputSettings,
     SettingsError,
@@ -40,6 +46,7 @@ from medge.console.settings import (
     probe_to_base,
 )
 from medge.console.spacemouse import SpaceMouseReader
+from medge.mqtt import LinkDown, PublishRefused
 from medge.teleop import RequestTimeout, TeleopClient
 
 STATIC = Path(__file__).parent / "static"
@@ -50,6 +57,7 @@ MAX_BODY_BYTES = 64 * 1024
 IDLE_TIMEOUT_S = 60.0
 EVENT_PERIOD_S = 0.05
 REQUEST_COMMANDS = ("arm", "disarm", "estop", "reset", "goto", "register", "mode")
+LINK_LOST = "broker link lost — reconnecting"
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +71,7 @@ class HttpError(Exception):
 
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 413: "Payload Too Large", 502: "Bad Gateway",
-           504: "Gateway Timeout"}
+           503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,10 @@ class ConsoleServer:
         self._last_page_stamp_ms = -math.inf
         self._state_received_at: float | None = None
         self._states_seen = -1
+        self.live = LiveImage()
+        client.link.subscribe(f"{client.robot.state}/us", self.live.on_message, qos=0)
+        self._link_down_since: float | None = None if client.connected else time.monotonic()
+        self._forget_link_callback = client.link.on_disconnect(self._link_lost)
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[dict[str, Any]]]] = {
@@ -145,6 +157,8 @@ class ConsoleServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(ValueError):  # already forgotten by an earlier exit
+            self._forget_link_callback()
         if self._server is not None:
             self._server.close()
         for writer in self._connections.values():
@@ -185,7 +199,10 @@ class ConsoleServer:
                 self._check_token(request.query.get("token", [""])[0])
                 await self._events(writer)
                 return False
-            if request.method == "GET" and not request.path.startswith("/api/"):
+            if request.method == "GET" and request.path == "/api/us/frame":
+                self._check_token(request.headers.get("x-console-token", ""))
+                await self._us_frame(writer)
+            elif request.method == "GET" and not request.path.startswith("/api/"):
                 await self._static(request.path, writer)
             else:
                 await self._api(request, writer)
@@ -227,11 +244,11 @@ class ConsoleServer:
             raise HttpError(403, "missing or wrong console token (open the URL medge printed)")
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, body: bytes,
-                       content_type: str = "application/json") -> None:
+                       content_type: str = "application/json", extra_headers: str = "") -> None:
         writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
                      f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                      "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-                     "\r\n".encode() + body)
+                     f"{extra_headers}\r\n".encode() + body)
         await writer.drain()
 
     async def _static(self, path: str, writer: asyncio.StreamWriter) -> None:
@@ -259,6 +276,9 @@ class ConsoleServer:
             self._states_seen = self.client.states_received
             self._state_received_at = now
         spacemouse = self.spacemouse
+        down_since = self._link_down_since
+        if self.client.connected:
+            down_since = self._link_down_since = None
         return {
             "console": {"operator": self.info.operator, "broker": self.info.broker,
                         "robot": self.info.robot, "poses": list(self.info.poses),
@@ -274,13 +294,37 @@ class ConsoleServer:
             "spacemouse": None if spacemouse is None else {
                 "path": str(spacemouse.path), "axes": list(spacemouse.state.axes),
                 "buttons": spacemouse.state.buttons, "error": spacemouse.error},
+            "broker_link": {
+                "up": down_since is None,
+                "down_ms": None if down_since is None else round((now - down_since) * 1000.0),
+                "connections": self.client.link.connections,
+                "error": self.client.link.last_error},
+            "us": self.live.summary(),
         }
+
+    def _link_lost(self) -> None:
+        self._link_down_since = time.monotonic()
+
+    def _check_link(self) -> None:
+        if not self.client.connected:
+            raise HttpError(503, LINK_LOST)
+
+    async def _us_frame(self, writer: asyncio.StreamWriter) -> None:
+        """The newest ultrasound frame as ``image/jpeg``; its header (with the frame's age now)
+        in ``X-Us-Frame``, so the page shows the age, pose and force of what it displays."""
+        taken = self.live.take()
+        if taken is None:
+            raise HttpError(404, "no ultrasound frame received yet")
+        header, jpeg = taken
+        await self._respond(writer, 200, jpeg, "image/jpeg",
+                            f"X-Us-Frame: {_json(header).decode()}\r\n")
 
     # --- API ------------------------------------------------------------------------------
 
     async def _setpoint(self, request: Request) -> dict[str, Any]:
         """The dead-man is held: forward one enabled setpoint, or drop it with the reason."""
         stamp, page_twist = parse_setpoint(request.body, self.settings)
+        self._check_link()
         age_ms = time.time() * 1000 - stamp
         if stamp <= self._last_page_stamp_ms:
             self.counters.dropped_reordered += 1
@@ -292,6 +336,9 @@ class ConsoleServer:
         twist = self._with_spacemouse(page_twist)
         try:
             await self.client.send_setpoint(True, twist)
+        except LinkDown:
+            self.counters.publish_failed += 1
+            raise HttpError(503, LINK_LOST) from None
         except aiomqtt.MqttError as exc:
             self.counters.publish_failed += 1
             raise HttpError(502, f"broker: {exc}") from None
@@ -322,7 +369,8 @@ class ConsoleServer:
         if command not in REQUEST_COMMANDS:
             raise HttpError(400, f"cmd: must be one of {list(REQUEST_COMMANDS)}, got {command!r}")
         client = self.client
-        try:
+        self._check_link()
+        with _request_errors():
             if command == "goto":
                 reply = await client.go_to(_string(document, "pose"))
             elif command == "mode":
@@ -331,10 +379,6 @@ class ConsoleServer:
                 reply = await client.register()
             else:
                 reply = await getattr(client, command)()
-        except RequestTimeout as exc:
-            raise HttpError(504, str(exc)) from None
-        except (aiomqtt.MqttError, ProtocolError) as exc:
-            raise HttpError(502, f"broker: {exc}") from None
         log.info("console.command", cmd=command, ok=reply.ok, reason=reply.reason)
         return _reply(reply)
 
@@ -353,12 +397,9 @@ class ConsoleServer:
 
     async def _surface(self, request: Request) -> dict[str, Any]:
         del request
-        try:
+        self._check_link()
+        with _request_errors():
             return _reply(await self.client.surface())
-        except RequestTimeout as exc:
-            raise HttpError(504, str(exc)) from None
-        except (aiomqtt.MqttError, ProtocolError) as exc:
-            raise HttpError(502, f"broker: {exc}") from None
 
 
 def parse_head(head: bytes) -> tuple[Request, int]:
@@ -403,6 +444,19 @@ def parse_setpoint(body: bytes, settings: InputSettings) -> tuple[float, Twist]:
         return stamp, settings.twist(axes)
     except SettingsError as exc:
         raise HttpError(400, str(exc)) from None
+
+
+@contextlib.contextmanager
+def _request_errors() -> Iterator[None]:
+    """A request to the daemon that failed → the HTTP status the page shows."""
+    try:
+        yield
+    except RequestTimeout as exc:
+        raise HttpError(504, str(exc)) from None
+    except LinkDown:
+        raise HttpError(503, LINK_LOST) from None
+    except (aiomqtt.MqttError, ProtocolError, PublishRefused) as exc:
+        raise HttpError(502, f"broker: {exc}") from None
 
 
 def _reply(reply: Reply) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Per-user input settings: dead-band, speed scaling and per-axis inversion.
+"""Per-user console settings: dead-band, speed scaling, per-axis inversion, and the display rate
+of the live ultrasound image.
 
 Stored as JSON under the user's config directory (``$XDG_CONFIG_HOME/medge/console/USER.json``)
 so that each sonographer finds the console as they left it. Every input (keyboard, gamepad,
@@ -21,6 +22,8 @@ from daemons.manipulator.teleop_protocol import check_level
 AXES = ("x", "y", "z", "rx", "ry", "rz")
 MAX_LINEAR_M_S = 0.05
 MAX_ANGULAR_RAD_S = 0.5
+MAX_US_DISPLAY_HZ = 30.0
+"""The grabber's rate: the page cannot show frames the daemon does not send."""
 
 
 class SettingsError(ValueError):
@@ -42,11 +45,14 @@ class InputSettings:
     """Probe speed at full deflection."""
     angular_rad_s: float = 0.2
     invert: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(AXES, False))
+    us_display_hz: float = 10.0
+    """Live ultrasound frames the page shows per second (it skips the rest)."""
 
     def __post_init__(self) -> None:
         _check_range("deadband", self.deadband, 0.0, 0.5)
         _check_range("linear_m_s", self.linear_m_s, 0.0, MAX_LINEAR_M_S)
         _check_range("angular_rad_s", self.angular_rad_s, 0.0, MAX_ANGULAR_RAD_S)
+        _check_range("us_display_hz", self.us_display_hz, 1.0, MAX_US_DISPLAY_HZ)
         if not isinstance(self.invert, dict) or set(self.invert) - set(AXES) \
                 or not all(isinstance(v, bool) for v in self.invert.values()):
             raise SettingsError(f"invert: must map axes {list(AXES)} to true/false, "

@@ -3,13 +3,17 @@
 // Safety model: while the dead-man (Space, or the gamepad's right trigger) is held and the tab is
 // visible, focused and connected, the page POSTs a setpoint every SEND_PERIOD_MS. It never sends
 // a "release": when anything goes wrong the setpoints simply stop and the robot's supervisor
-// brings it to rest. The page shows why motion stopped.
+// brings it to rest. The page shows why motion stopped. Whenever sending stops for a reason
+// (tab hidden, focus lost, broker link lost), held keys are forgotten and a held gamepad trigger
+// must be let go: coming back never resumes a motion by itself.
 "use strict";
 
 const SEND_PERIOD_MS = 20;          // 50 Hz
 const EVENTS_SILENT_MS = 500;       // no state event for this long = link to the console lost
 const ROBOT_SILENT_MS = 500;        // no robot state for this long = broker or daemon gone
 const AGE_GREEN_MS = 100, AGE_AMBER_MS = 250;
+const US_SILENT_MS = 2000;          // no ultrasound frame for this long = "no ultrasound image"
+const MOTION_CONTROLS = ["arm", "disarm", "reset", "pose", "goto", "register", "fine"];
 const KEY_AXES = {                  // probe frame: x right, y forward, z up (out of the patient)
   KeyD: [0, 1], KeyA: [0, -1], KeyW: [1, 1], KeyS: [1, -1], KeyQ: [2, 1], KeyE: [2, -1],
   ArrowUp: [3, 1], ArrowDown: [3, -1], ArrowRight: [4, 1], ArrowLeft: [4, -1],
@@ -28,6 +32,11 @@ let rttMs = null;
 let sentCount = 0;
 let surface = [];
 let surfaceFor = null;              // registration "at" the surface belongs to
+let brokerUp = true;                // the console server's MQTT link, as last reported
+let triggerLatched = false;         // the gamepad trigger must be released before it counts again
+let usShown = null;                 // the ultrasound frame on screen: {header, at}
+let usFetching = false;
+let usTimer = null;
 
 // --- server link -----------------------------------------------------------------------------
 
@@ -54,6 +63,9 @@ function connectEvents() {
     latest = JSON.parse(event.data);
     lastEventAt = performance.now();
     linkDown = false;
+    const up = latest.broker_link.up;
+    if (brokerUp && !up) releaseAll();
+    brokerUp = up;
     render();
   };
   source.onerror = () => { linkDown = true; render(); };  // EventSource reconnects by itself
@@ -86,8 +98,9 @@ function inputAxes() {
 
 function deadmanHeld() {
   const pad = gamepad();
-  const trigger = pad && pad.buttons.length > 7 && pad.buttons[7].value > 0.5;
-  return held.has(DEADMAN_KEY) || Boolean(trigger);
+  const trigger = Boolean(pad && pad.buttons.length > 7 && pad.buttons[7].value > 0.5);
+  if (!trigger) triggerLatched = false;
+  return held.has(DEADMAN_KEY) || (trigger && !triggerLatched);
 }
 
 // Why setpoints may not be sent right now (null = they may).
@@ -96,6 +109,9 @@ function blocker() {
   if (focusLost) return ["blur", "Motion stopped: the console window lost focus — click it to continue"];
   if (linkDown || performance.now() - lastEventAt > EVENTS_SILENT_MS)
     return ["link-lost", "Motion stopped: connection to the console server lost"];
+  if (!brokerUp)
+    return ["broker-lost", "Motion stopped: broker link lost — reconnecting (setpoints cannot reach the robot; "
+      + "arm again once it is back if the robot dropped the lease)"];
   const age = latest && latest.robot_state_age_ms;
   if (!latest || !latest.robot || age === null || age > ROBOT_SILENT_MS)
     return ["robot-silent", "Motion stopped: no state from the robot (broker or daemon unreachable)"];
@@ -112,9 +128,10 @@ function tick() {
     .finally(() => { inFlight -= 1; });
 }
 
-function releaseAll(reason) {
+function releaseAll() {
   held.clear();  // keyup events are lost while unfocused: never resume on a stale key state
-  render(reason);
+  triggerLatched = true;
+  render();
 }
 
 document.addEventListener("keydown", (event) => {
@@ -175,6 +192,8 @@ function showSettings(reply) {
   const s = reply.settings;
   $("settings-user").textContent = reply.user;
   $("deadband").value = s.deadband;
+  $("us-fps").value = s.us_display_hz;
+  pullUltrasoundAt(s.us_display_hz);
   $("linear").value = s.linear_m_s;
   $("angular").value = s.angular_rad_s;
   for (const box of document.querySelectorAll("[data-axis]")) box.checked = s.invert[box.dataset.axis];
@@ -186,7 +205,7 @@ $("save-settings").addEventListener("click", async () => {
   try {
     showSettings(await post("/api/settings", {
       deadband: Number($("deadband").value), linear_m_s: Number($("linear").value),
-      angular_rad_s: Number($("angular").value), invert,
+      angular_rad_s: Number($("angular").value), invert, us_display_hz: Number($("us-fps").value),
     }));
     showMessage("settings saved");
   } catch (error) { showMessage(`settings: ${error.message}`, true); }
@@ -211,6 +230,8 @@ function band(ageMs) {
 
 function bannerFor(robot, operator) {
   const blocked = blocker();
+  if (blocked && (blocked[0] === "link-lost" || blocked[0] === "broker-lost"))
+    return [blocked[0], "alarm", blocked[1]];  // the robot state shown is no longer current
   if (robot && robot.state === "estop")
     return ["estop", "alarm", `E-STOP latched (${robot.reasons.join(", ")}) — reset, then arm again`];
   if (blocked) return [blocked[0], "alarm", blocked[1]];
@@ -242,6 +263,8 @@ function render() {
   banner.textContent = text;
   $("link").textContent = linkDown ? "lost" : `${rttMs === null ? "—" : rttMs.toFixed(1) + " ms"} round trip, `
     + `${sentCount} setpoints sent, robot state ${event && event.robot_state_age_ms !== null ? event.robot_state_age_ms.toFixed(0) + " ms old" : "none"}`;
+  if (event) renderBrokerLink(event.broker_link);
+  renderUltrasound(event && event.us);
   if (event && event.spacemouse) {
     const m = event.spacemouse;
     $("spacemouse").textContent = m.error ? `${m.path}: ${m.error}`
@@ -264,6 +287,75 @@ function render() {
   $("mode").textContent = robot.mode + (robot.goal ? ` · going to ${robot.goal}` : "");
   drawForce(robot.force_n, console_.force_warn_n, console_.force_stop_n);
   drawViews(robot);
+}
+
+function renderBrokerLink(link) {
+  const cell = $("broker-link");
+  cell.dataset.up = String(link.up);
+  cell.textContent = link.up
+    ? `connected${link.connections > 1 ? ` (reconnected ${link.connections - 1}×)` : ""}`
+    : `lost ${(link.down_ms / 1000).toFixed(1)} s ago — reconnecting${link.error ? ` (${link.error})` : ""}`;
+  for (const id of MOTION_CONTROLS) $(id).disabled = !link.up;  // E-stop stays available
+}
+
+// --- live ultrasound image -------------------------------------------------------------------
+// The server keeps only the newest frame; the page fetches it at the user's display rate when a
+// new one is there and no fetch is running, so a slow page skips frames and never queues them.
+
+function pullUltrasoundAt(hz) {
+  if (usTimer !== null) clearInterval(usTimer);
+  usTimer = setInterval(pullUltrasound, 1000 / hz);
+}
+
+function ultrasoundSilent(frame) {
+  return !frame || frame.received_age_ms + (performance.now() - lastEventAt) > US_SILENT_MS;
+}
+
+async function pullUltrasound() {
+  const frame = latest && latest.us && latest.us.frame;
+  if (usFetching || ultrasoundSilent(frame) || (usShown && usShown.header.seq === frame.seq)) return;
+  usFetching = true;
+  try {
+    const response = await fetch("/api/us/frame", { headers: { "X-Console-Token": token }, cache: "no-store" });
+    if (!response.ok) return;
+    const header = JSON.parse(response.headers.get("X-Us-Frame"));
+    const url = URL.createObjectURL(await response.blob());
+    const image = $("us-image");
+    const previous = image.src;
+    image.src = url;
+    await image.decode();
+    if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
+    usShown = { header, at: performance.now() };
+    image.dataset.seq = String(header.seq);
+  } catch (error) {
+    // a torn or undecodable frame: the next pull fetches a newer one
+  } finally {
+    usFetching = false;
+  }
+}
+
+function renderUltrasound(us) {
+  const frame = us && us.frame;
+  const live = usShown !== null && !ultrasoundSilent(frame);
+  $("us-view").dataset.state = live ? "live" : "none";
+  const age = $("us-age");
+  if (us) $("us-counts").textContent = `${us.received} received, ${us.skipped} skipped, ${us.refused} refused`;
+  if (!live) {
+    age.dataset.band = "none";
+    age.textContent = "no image";
+    $("us-none").textContent = frame ? `no ultrasound image (last frame ${(frame.received_age_ms / 1000).toFixed(1)} s ago)`
+      : "no ultrasound image";
+    return;
+  }
+  const header = usShown.header;
+  const ageMs = header.age_ms + (performance.now() - usShown.at);  // capture → now
+  age.dataset.band = band(ageMs);
+  age.textContent = `${ageMs.toFixed(0)} ms old`;
+  const pose = header.pose;
+  $("us-pose").textContent = pose === null ? "pose unknown"
+    : `tip ${pose.tip.map((c) => (c * 1000).toFixed(1)).join(", ")} mm · tilt `
+      + `${pose.tilt.map((a) => (a * 180 / Math.PI).toFixed(1)).join(", ")}°`;
+  $("us-force").textContent = header.force_n === null ? "—" : `${header.force_n.toFixed(1)} N`;
 }
 
 function drawForce(force, warn, stop) {
