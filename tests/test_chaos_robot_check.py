@@ -1,0 +1,140 @@
+"""bench/chaos_robot's checker on constructed logs: the robot may move only within a fresh enabled
+setpoint's window; a motion outside it must be caught and measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.chaos_robot import (
+    Motion,
+    SetpointLog,
+    SetpointRun,
+    judge,
+    read_motion,
+    read_setpoint_runs,
+    stop_delay,
+    uncovered,
+    windows,
+)
+from daemons.manipulator.kinematics import Twist
+
+ALLOWED_S = 0.4  # stale_s 0.25 + stopping time 0.15 (SupervisorConfig defaults)
+TOLERANCE_S = 0.01
+RIGHT = Twist((0.02, 0.0, 0.0), (0.0, 0.0, 0.0))
+
+
+def motion_lines(*records: tuple[str, float, int, int]) -> list[str]:
+    """(event, t, moving, tripped) for a one-servo log, as the simulator writes it."""
+    lines = []
+    for event, t, moving, tripped in records:
+        record = {"event": event, "t": t, "moving": [] if event == "open" else [moving],
+                  "pos": [0.0], "goal": [0.0], "tripped": [] if event == "open" else [tripped]}
+        lines.append(json.dumps(record))
+    return lines
+
+
+def sent(log: SetpointLog, start: float, end: float, enable: bool = True,
+         period: float = 0.01) -> None:
+    steps = round((end - start) / period)
+    for i in range(steps + 1):
+        log.note(start + i * period, enable, RIGHT if enable else None)
+
+
+def test_motion_inside_the_windows_passes(tmp_path: Path) -> None:
+    log = SetpointLog(tmp_path / "setpoints.jsonl", ALLOWED_S)
+    sent(log, 10.0, 13.0)  # 3 s with the dead-man held
+    sent(log, 13.01, 13.2, enable=False)  # released
+    log.close_run()
+    runs = read_setpoint_runs((tmp_path / "setpoints.jsonl").read_text().splitlines())
+    assert [(r.enable, r.count) for r in runs] == [(True, 301), (False, 20)]
+    motion = read_motion(motion_lines(("open", 1.0, 0, 0), ("change", 10.005, 1, 0),
+                                      ("sample", 11.0, 1, 0), ("change", 13.12, 0, 0)))
+    verdict = judge(motion, runs, ALLOWED_S, TOLERANCE_S)
+    assert (verdict.intervals, verdict.violations, verdict.worst_excess_s) == (1, 0, 0.0)
+
+
+def test_motion_after_the_window_is_caught_and_measured(tmp_path: Path) -> None:
+    log = SetpointLog(tmp_path / "setpoints.jsonl", ALLOWED_S)
+    sent(log, 10.0, 11.0)
+    log.close_run()
+    runs = read_setpoint_runs((tmp_path / "setpoints.jsonl").read_text().splitlines())
+    # kept moving 0.15 s beyond 11.0 + 0.4
+    motion = read_motion(motion_lines(("open", 1.0, 0, 0), ("change", 10.01, 1, 0),
+                                      ("change", 11.55, 0, 0)))
+    verdict = judge(motion, runs, ALLOWED_S, TOLERANCE_S)
+    assert verdict.violations == 1
+    assert verdict.worst_excess_s == pytest.approx(0.15)
+    assert verdict.worst_at == 10.01
+
+
+def test_motion_without_any_setpoint_or_with_the_deadman_released_is_caught(
+        tmp_path: Path) -> None:
+    log = SetpointLog(tmp_path / "setpoints.jsonl", ALLOWED_S)
+    sent(log, 10.0, 11.0, enable=False)  # a stream, but the dead-man is not held
+    log.close_run()
+    runs = read_setpoint_runs((tmp_path / "setpoints.jsonl").read_text().splitlines())
+    motion = read_motion(motion_lines(("open", 1.0, 0, 0), ("change", 10.5, 1, 0),
+                                      ("change", 10.6, 0, 0), ("change", 20.0, 1, 0),
+                                      ("change", 20.02, 0, 0)))
+    verdict = judge(motion, runs, ALLOWED_S, TOLERANCE_S)
+    assert (verdict.intervals, verdict.violations) == (2, 2)
+    assert verdict.worst_excess_s == pytest.approx(0.1)
+
+
+def test_a_hole_in_the_stream_longer_than_the_window_is_not_covered(tmp_path: Path) -> None:
+    log = SetpointLog(tmp_path / "setpoints.jsonl", ALLOWED_S)
+    sent(log, 10.0, 10.5)
+    sent(log, 11.5, 12.0)  # one second of silence in between: a new run
+    log.close_run()
+    runs = read_setpoint_runs((tmp_path / "setpoints.jsonl").read_text().splitlines())
+    assert len(runs) == 2
+    assert windows(runs, ALLOWED_S) == [(10.0, pytest.approx(10.9)),
+                                        (11.5, pytest.approx(12.4))]
+    motion = read_motion(motion_lines(("open", 1.0, 0, 0), ("change", 10.1, 1, 0),
+                                      ("change", 12.3, 0, 0)))
+    verdict = judge(motion, runs, ALLOWED_S, TOLERANCE_S)
+    assert verdict.violations == 1
+    assert verdict.worst_excess_s == pytest.approx(0.6)  # 10.9 .. 11.5
+
+
+def test_within_the_tolerance_is_reported_but_not_a_violation() -> None:
+    runs = [SetpointRun(10.0, 11.0, 101, True, (0.02, 0, 0, 0, 0, 0), 0.01)]
+    motion = Motion([(10.0, 11.405)], [], 1)
+    verdict = judge(motion, runs, ALLOWED_S, TOLERANCE_S)
+    assert verdict.violations == 0 and verdict.worst_excess_s == pytest.approx(0.005)
+
+
+def test_a_simulator_killed_mid_motion_ends_its_interval_at_its_last_line() -> None:
+    motion = read_motion(motion_lines(
+        ("open", 1.0, 0, 0), ("change", 10.0, 1, 0), ("sample", 10.25, 1, 0),
+        ("open", 20.0, 0, 0), ("change", 21.0, 1, 0), ("change", 21.5, 1, 1),
+        ("change", 21.501, 0, 1)))
+    assert motion.segments == 2
+    assert motion.intervals == [(10.0, 10.25), (21.0, 21.501)]
+    assert motion.trips == [21.5]
+    assert stop_delay(motion, 21.2) == pytest.approx(0.301)
+    assert stop_delay(motion, 15.0) is None
+
+
+def test_uncovered_counts_only_what_no_window_covers() -> None:
+    allowed = [(0.0, 1.0), (2.0, 3.0), (5.0, 6.0)]
+    assert uncovered((0.5, 0.9), allowed) == 0.0
+    assert uncovered((0.5, 2.5), allowed) == pytest.approx(1.0)
+    assert uncovered((3.5, 4.0), allowed) == pytest.approx(0.5)
+    assert uncovered((-1.0, 7.0), allowed) == pytest.approx(5.0)
+    assert uncovered((1.0, 2.0), []) == pytest.approx(1.0)
+
+
+def test_pauses_between_control_cycles_join_into_one_motion_but_not_across_restarts() -> None:
+    lines = motion_lines(("open", 1.0, 0, 0), ("change", 10.0, 1, 0), ("change", 10.004, 0, 0),
+                         ("change", 10.01, 1, 0), ("change", 10.5, 0, 0),
+                         ("change", 11.0, 1, 0), ("change", 11.1, 0, 0),
+                         ("open", 11.105, 0, 0), ("change", 11.11, 1, 0),
+                         ("change", 11.2, 0, 0))
+    assert read_motion(lines).intervals == [(10.0, 10.004), (10.01, 10.5), (11.0, 11.1),
+                                            (11.11, 11.2)]
+    assert read_motion(lines, join_s=0.02).intervals == [(10.0, 10.5), (11.0, 11.1),
+                                                         (11.11, 11.2)]
