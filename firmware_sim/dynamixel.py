@@ -69,6 +69,13 @@ AMBIENT_C = 30.0
 THERMAL_TIME_CONSTANT_S = 120.0
 HEATING_C_PER_A2 = 25.0  # steady-state rise per A² of current
 
+UART_FIFO_BYTES = 128
+"""Host bytes the servos' UART holds: a servo handles packets as they arrive and loses what
+overruns its receive buffer. A simulator process that falls behind (SIGSTOP, a starved CPU)
+finds seconds of host packets queued in its TCP socket instead; executing them late would move
+the simulated robot long after the host sent the goals, which no RS-485 bus can do, so only the
+newest ``UART_FIFO_BYTES`` of a backlog are kept (an overrun, counted)."""
+
 _TABLE_SIZE = 256
 _EEPROM_END = 64
 _READ_ONLY = set(range(0, 7)) | {70} | set(range(120, 148))
@@ -411,6 +418,8 @@ class DynamixelSim:
         """Per-servo load torques from the world (e.g. ``ProbeWorld.servo_loads``)."""
         self.packets_received = 0
         self.crc_errors = 0
+        self.overruns = 0
+        """Backlogs cut to the newest ``UART_FIFO_BYTES`` (see there)."""
         self.last_packet_at: float | None = None
         """Simulation time of the last instruction packet (for watchdog timing checks)."""
         self.watchdog_trips: list[tuple[int, float]] = []
@@ -474,7 +483,12 @@ class DynamixelSim:
         reader = PacketReader()
         try:
             while True:
-                for packet in reader.feed(await link.read()):
+                data = await link.read()
+                if len(data) > UART_FIFO_BYTES:
+                    self.overruns += 1
+                    reader.buffer.clear()
+                    data = data[-UART_FIFO_BYTES:]
+                for packet in reader.feed(data):
                     self.advance()
                     for reply, delay in self.handle(packet):
                         if delay:

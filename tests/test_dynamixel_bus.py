@@ -21,13 +21,20 @@ from drivers.dynamixel import (
     ServoStatusError,
     ticks_to_rad,
 )
-from drivers.dynamixel_protocol import CrcMismatch, StatusErrorCode
+from drivers.dynamixel_protocol import (
+    CrcMismatch,
+    Instruction,
+    StatusErrorCode,
+    encode_instruction,
+    sync_write_params,
+)
 from drivers.force_sensor import parse_line
 from drivers.serial_link import SerialLink
 from firmware_sim.dynamixel import (
     HW_OVERHEATING,
     HW_OVERLOAD,
     STALL_TORQUE_NM,
+    UART_FIFO_BYTES,
     DynamixelSim,
     MotionLogFile,
 )
@@ -185,6 +192,24 @@ async def test_chain_refuses_bad_goals() -> None:
             await chain.write_goals([0.0, 0.0, math.nan, 0.0, 0.0])
         with pytest.raises(ValueError, match="distinct"):
             DynamixelChain(bus, [1, 1])
+
+
+async def test_a_backlog_of_host_packets_overruns_instead_of_executing_late() -> None:
+    """Packets that queued up while the simulator did not run are lost (a UART overrun), so
+    the simulated servos never execute goals long after the host sent them."""
+    async with rig() as (sim, bus):
+        await bus.write(1, XM430.TORQUE_ENABLE, 1)
+        goals = [2048 + 10 * i for i in range(1, 41)]
+        backlog = b"".join(
+            encode_instruction(0xFE, Instruction.SYNC_WRITE, sync_write_params(
+                XM430.GOAL_POSITION.address, 4, {1: goal.to_bytes(4, "little")}))
+            for goal in goals)
+        assert len(backlog) > 2 * UART_FIFO_BYTES
+        received = sim.packets_received
+        await bus.link.write(backlog)  # one burst, as a stalled process finds its socket
+        await wait_for(lambda: sim.servo(1).get(116, 4) == goals[-1])
+        assert sim.overruns >= 1
+        assert sim.packets_received - received < len(goals) // 2
 
 
 def test_units() -> None:
