@@ -362,8 +362,8 @@ async def campaign(args: argparse.Namespace) -> bool:
 
 def report(outcomes: Sequence[Outcome], tallies: Mapping[str, Tally], checks: Sequence[Check],
            leftovers: set[int]) -> bool:
-    print(f"\n{'fault':<34} | {'count':>5} | {'lasted s':>8} | {'recovery s (worst)':>18}")
-    print("-" * 75)
+    print(f"\n{'fault':<40} | {'count':>5} | {'lasted s':>8} | {'recovery s (worst)':>18}")
+    print("-" * 81)
     by_kind: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     for outcome in outcomes:
         by_kind[(outcome.owner, outcome.kind)].append(outcome)
@@ -371,7 +371,7 @@ def report(outcomes: Sequence[Outcome], tallies: Mapping[str, Tally], checks: Se
         times = [o.recovery_s for o in items]
         worst = "never" if None in times else f"{max(t for t in times if t is not None):.1f}"
         slowest = max(items, key=lambda o: math.inf if o.recovery_s is None else o.recovery_s)
-        print(f"{owner + ': ' + kind:<34} | {len(items):>5} | {items[0].lasted_s:>8.1f} | "
+        print(f"{owner + ': ' + kind:<40} | {len(items):>5} | {items[0].lasted_s:>8.1f} | "
               f"{worst:>18}{f'  ({slowest.detail})' if slowest.detail else ''}")
     print(f"\n{'part':<8} | {'produced':>8} | {'delivered':>9} | {'duplicated':>10} | "
           f"{'lost':>5} | {'queued':>6} | {'dead letters':>12}")
@@ -381,10 +381,10 @@ def report(outcomes: Sequence[Outcome], tallies: Mapping[str, Tally], checks: Se
               f"{t.lost:>5} | {t.queued:>6} | {t.dead:>12}")
         for stream, seqs in t.missing.items():
             print(f"  missing on {stream}: seq {seqs[:20]}{' …' if len(seqs) > 20 else ''}")
-    print(f"\n{'part':<8} | {'check':<58} | ok")
+    print(f"\n{'part':<8} | {'check':<60} | ok")
     print("-" * 75)
     for check in checks:
-        print(f"{check.part:<8} | {check.name:<58} | {'yes' if check.ok else 'NO'}  "
+        print(f"{check.part:<8} | {check.name:<60} | {'yes' if check.ok else 'NO'}  "
               f"{check.detail}")
     print(f"\nprocesses left behind: {len(leftovers)} {sorted(leftovers) or ''}")
     ok = (all(o.recovery_s is not None for o in outcomes) and all(c.ok for c in checks)

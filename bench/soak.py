@@ -184,7 +184,7 @@ def report(args: argparse.Namespace, samples: dict[str, list[Sample]],
             print(f"  missing on {stream}: seq {seqs[:20]}{' …' if len(seqs) > 20 else ''}")
     print()
     for check in checks:
-        print(f"{check.part:<8} | {check.name:<58} | {'yes' if check.ok else 'NO'}  "
+        print(f"{check.part:<8} | {check.name:<60} | {'yes' if check.ok else 'NO'}  "
               f"{check.detail}")
     print(f"processes left behind: {len(leftovers)} {sorted(leftovers) or ''}")
     ok = (all(c.ok for c in checks) and not leftovers
