@@ -259,6 +259,8 @@ function render() {
     : ["link-lost", "alarm", "Connecting to the console server…"];
   const banner = $("banner");
   banner.dataset.reason = reason;
+  // what the robot did last, greyed: no longer current while its state cannot reach us
+  document.body.dataset.robotStale = String(["link-lost", "broker-lost", "robot-silent"].includes(reason));
   banner.className = `banner ${kind}`;
   banner.textContent = text;
   $("link").textContent = linkDown ? "lost" : `${rttMs === null ? "—" : rttMs.toFixed(1) + " ms"} round trip, `
