@@ -595,16 +595,17 @@ class RobotPart:
             log.write(json.dumps(dataclasses.asdict(stop)) + "\n")
 
     async def _mid_motion(self) -> bool:
-        """Wait until the robot moves for the operator (True), or give up (False)."""
+        """Wait until the servos move for the operator (the motion log's newest line says so:
+        under load a move is stop-and-go), then return True; False if not within a while."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(MOVING_WAIT_S):
                 while True:
+                    self._read_motion_starts()
                     state = self._op.state if self._op is not None else None
-                    if state is not None and state.get("moving") and state["state"] == "armed" \
-                            and time.time() - float(state["at"]) < 0.1:
-                        await asyncio.sleep(0.2)  # well under way
+                    if self._tail_moving and state is not None and state["state"] == "armed" \
+                            and state["lease"] == OPERATOR:
                         return True
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.005)
         return False
 
     async def _sigkill(self, args: argparse.Namespace) -> tuple[Recovered, float]:

@@ -165,6 +165,9 @@ class SerialLink:
 
     async def write(self, data: bytes) -> None:
         if self._writer is not None:
+            if self._eof or self._writer.transport.is_closing():
+                # the device is gone: asyncio would drop the bytes and warn on every write
+                raise LinkError(f"{self.url}: device disconnected")
             try:
                 self._writer.write(data)
                 await self._writer.drain()

@@ -46,6 +46,8 @@ async def test_disconnect_is_reported() -> None:
             faults.disconnect()
             with pytest.raises(LinkError, match="disconnected"):
                 await link.read(timeout=2)
+            with pytest.raises(LinkError, match="disconnected"):  # not dropped with a warning
+                await link.write(b"anyone there?\n")
 
 
 async def test_corruption_changes_bytes() -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemons.manipulator.control import ControlLoop
 from daemons.manipulator.kinematics import HolderKinematics, Twist
@@ -212,9 +213,13 @@ async def test_unplugged_servo_bus_latches_estop() -> None:
         m.loop.arm("alice")
         async with operator(m.loop, Twist((0.02, 0, 0), (0, 0, 0))):
             await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.002)
-            faults.disconnect()  # the USB adapter is pulled out mid-motion
-            await wait_for(lambda: Reason.ESTOP_SERVO_LINK in m.status_reasons())
+            with capture_logs() as logs:
+                faults.disconnect()  # the USB adapter is pulled out mid-motion
+                await wait_for(lambda: Reason.ESTOP_SERVO_LINK in m.status_reasons())
+                await asyncio.sleep(WATCHDOG_S * 3)  # dozens of cycles without the bus
         assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_LINK
+        events = [entry["event"] for entry in logs]
+        assert events.count("servo watchdog gap") == 1, events  # once, not every cycle
 
 
 async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset() -> None:

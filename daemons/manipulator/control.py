@@ -93,6 +93,7 @@ class ControlLoop:
         self._last_bus_traffic: float | None = None
         """When the servos last heard from us (their watchdog counts from there)."""
         self._bus_log = StateLog(log, "servo bus")
+        self._watchdog_log = StateLog(log, "servo watchdog")
         self._wake = asyncio.Event()
         self.min_gap_s = self.config.period_s / 4
         """Closest spacing of cycles brought forward by :meth:`wake` (bus load stays bounded
@@ -144,9 +145,12 @@ class ControlLoop:
         tripped: they stopped on their own and ignore goals until re-enabled (a reset)."""
         last = self._last_bus_traffic
         if self.watchdog_s and last is not None and now - last > self.watchdog_s * 0.8:
-            log.error("servo watchdog gap", silent_s=round(now - last, 3),
-                      watchdog_s=self.watchdog_s)
+            # logged once per gap: with the bus down it lasts until the bus answers again
+            self._watchdog_log.set("gap", level="error", silent_s=round(now - last, 3),
+                                   watchdog_s=self.watchdog_s)
             self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
+        elif self._watchdog_log.state == "gap":
+            self._watchdog_log.set("heard again")
 
     def _bus_failed(self, error: DynamixelError) -> None:
         """The bus is the robot's only brake we control: losing it latches the E-stop."""
