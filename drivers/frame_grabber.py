@@ -8,6 +8,11 @@ image area as ``H x W`` ``uint8`` grayscale: B-mode is grayscale, and a third of
 makes recording and DICOM cheaper. The interface (``open``, ``close``, ``capture``,
 ``frame_rate_hz``) is the frame source the ultrasound service consumes; the simulator in
 :mod:`firmware_sim.ultrasound` offers the same one.
+
+A grabber served over the network (``http://``, ``rtsp://``, ...: an MJPEG stream from
+ustreamer or mjpg-streamer on a box holding the capture card, a network video encoder, or
+``medge sim ultrasound``) is read by the same ``cv2.VideoCapture.read()`` through OpenCV's
+FFmpeg backend; its resolution and frame rate are the server's, so they are checked, not set.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from drivers.camera import CameraSettingError, CameraSettings, RgbFrame, UvcCamera
+from drivers.camera import (
+    CameraNotFound,
+    CameraSettingError,
+    CameraSettings,
+    RgbFrame,
+    UvcCamera,
+)
 
 GrayFrame = npt.NDArray[np.uint8]
 MAX_FRAME_RATE_HZ = 240.0
+STREAM_SCHEMES = ("http://", "https://", "rtsp://", "tcp://")
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,32 @@ class _UvcAtFrameRate(UvcCamera):
                 f"frame_rate_hz: {self.device_path} refused {self.frame_rate_hz}")
 
 
+class _NetworkStream(UvcCamera):
+    """A grabber's stream read by URL through OpenCV's FFmpeg backend (open/read timeouts)."""
+
+    def _open_capture(self) -> Any:
+        timeout_ms = round(self.settings.frame_timeout_s * 1000)
+        return cv2.VideoCapture(self.device_path, cv2.CAP_FFMPEG,
+                                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, max(timeout_ms, 5000),
+                                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
+
+    def _do_open(self) -> None:
+        capture = self._open_capture()
+        if not capture.isOpened():
+            capture.release()
+            raise CameraNotFound(f"{self.device_path}: no video stream there (server down, "
+                                 "wrong URL, or not a stream OpenCV's FFmpeg backend reads)")
+        self._capture = capture
+
+    def _do_configure(self, settings: CameraSettings) -> None:
+        size = (int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        if size != settings.resolution:
+            raise CameraSettingError(
+                f"resolution: the stream {self.device_path} is {size[0]}x{size[1]}, configured "
+                f"{settings.resolution[0]}x{settings.resolution[1]}")
+
+
 class FrameGrabber:
     """``async with FrameGrabber(...)``; ``capture()`` returns the cropped grayscale image."""
 
@@ -71,7 +109,10 @@ class FrameGrabber:
         self.crop = crop or Crop(0, 0, *resolution)
         self.crop.check_inside(resolution)
         self.frame_rate_hz = frame_rate_hz
-        self.camera = _UvcAtFrameRate(device, settings, frame_rate_hz, dev_root)
+        self.camera: UvcCamera = (
+            _NetworkStream(device, settings) if isinstance(device, str)
+            and device.startswith(STREAM_SCHEMES)
+            else _UvcAtFrameRate(device, settings, frame_rate_hz, dev_root))
 
     async def __aenter__(self) -> FrameGrabber:
         await self.open()

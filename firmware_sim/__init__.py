@@ -10,6 +10,7 @@ serves one host connection (see :mod:`firmware_sim.link`). A module may also pro
 SIMULATORS: dict[str, str] = {
     "dynamixel": "firmware_sim.dynamixel",
     "force": "firmware_sim.force",
+    "ultrasound": "firmware_sim.ultrasound_grabber",
     "astm-urine": "firmware_sim.astm_urine",
     "printout-urine": "firmware_sim.printout_urine",
     "uroflow": "firmware_sim.uroflow",

@@ -46,6 +46,11 @@ def _tilted(tilt_a: float, tilt_b: float, length: float) -> Vector:
     return x, -math.sin(tilt_a) * z0, math.cos(tilt_a) * z0
 
 
+def axis_of(tilt_a: float, tilt_b: float) -> Vector:
+    """The unit probe axis (out of the tip) for the two tilt angles."""
+    return _tilted(tilt_a, tilt_b, 1.0)
+
+
 class ProbeWorld:
     """Tip pose and contact force as functions of the simulated servo angles."""
 
@@ -73,7 +78,7 @@ class ProbeWorld:
         offset_z = -math.cos(tilt_a) * g.wrist_offset_m
         probe = _tilted(tilt_a, tilt_b, g.tip_length_m)
         tip = (wrist_x + probe[0], wrist_y + offset_y + probe[1], wrist_z + offset_z + probe[2])
-        axis = _tilted(tilt_a, tilt_b, 1.0)
+        axis = axis_of(tilt_a, tilt_b)
         return tip, axis
 
     def contact_force(self) -> tuple[float, Vector]:

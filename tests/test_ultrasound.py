@@ -1,11 +1,14 @@
 """Ultrasound capture: the phantom simulator, the grabber's crop, pose interpolation, the
-capture service (stamping, dropped frames, recording, live view) and the live view over a real
-mosquitto from the manipulator daemon on the simulated robot."""
+capture service (stamping, dropped frames, recording, live view), the live view over a real
+mosquitto from the manipulator daemon on the simulated robot, and the grabber simulator as its
+own process read through OpenCV by URL."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -14,7 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
+from daemons.manipulator import us_dicom
 from daemons.manipulator.kinematics import ProbePose
+from daemons.manipulator.sweeps import Surface, SweepSpec
 from daemons.manipulator.teleop_protocol import ProtocolError
 from daemons.manipulator.ultrasound import (
     PoseSample,
@@ -29,6 +34,7 @@ from daemons.manipulator.ultrasound import (
 )
 from drivers.camera import CameraNotFound, CameraSettingError
 from drivers.frame_grabber import Crop, FrameGrabber
+from firmware_sim.link import Endpoint, SimulatorServer
 from firmware_sim.ultrasound import (
     ImageGeometry,
     Phantom,
@@ -37,8 +43,11 @@ from firmware_sim.ultrasound import (
     render_bmode,
     world_probe,
 )
+from firmware_sim.ultrasound_grabber import STREAM_PATH, FrameStream, PoseFollower
 from medge.localbroker import Mosquitto
-from tests.teleop_rig import rig
+from medge.teleop import RobotTopics
+from tests.teleop_rig import NODE, ROBOT, SITE, rig, wait_for
+from tests.us_grabber import grabber_process
 
 DOWN = (0.0, 0.0, -1.0)
 SKIN = -0.22
@@ -345,3 +354,79 @@ def test_ultrasound_section_loads_from_toml(tmp_path: Path) -> None:
                     '[manipulator.ultrasound]\nframe_rate_hz = 500.0\n')
     with pytest.raises(ConfigError, match="frame_rate_hz"):
         load(path, ManipulatorConfig)
+
+
+# --- the grabber simulator as its own process -------------------------------------------------
+
+async def test_daemon_records_from_the_simulator_process_through_opencv(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """``medge sim ultrasound`` (its own process) follows the robot's state topic and serves an
+    MJPEG stream; the daemon opens it by URL with cv2.VideoCapture (FFmpeg backend), records a
+    sweep, and the frames show contact when their stamps say the probe touched."""
+    state_topic = RobotTopics(SITE, NODE, ROBOT).state
+    short = SweepSpec(start=(-0.008, 0.0), end=(0.008, 0.0), speed=0.02, press_m=0.003)
+    async with grabber_process("--size", "320x240", "--pose-topic",
+                               f"mqtt://127.0.0.1:{broker.port}/{state_topic}") as grabber:
+        section = UltrasoundSection(source=grabber.url, resolution=(320, 240),
+                                    live_rate_hz=0.0, sweeps={"short": short})
+        async with rig(broker.port, tmp_path, watchdog_s=0.3, ultrasound=section) as r:
+            svc = r.daemon.ultrasound
+            assert svc is not None and isinstance(svc.source, FrameGrabber)
+            assert svc.source.camera.device_path == grabber.url
+            run = svc.start_sweep("short", r.daemon.control, Surface())
+            assert await run.finished(60) == "completed"
+            await wait_for(lambda: bool(svc.written), 20)
+        stats = await grabber.stop()
+    ds = us_dicom.load(svc.written[0])
+    records = us_dicom.read_pose_sequence(ds)
+    assert len(records) >= 30 and stats["sent"] >= len(records)
+    assert stats["pose_messages"] > 0 and stats["readers"] == 1
+    pixels = ds.pixel_array
+    touching = [float(p.mean()) for p, rec in zip(pixels, records, strict=True)
+                if (rec.force_n or 0.0) > 3.0]
+    free = [float(p.mean()) for p, rec in zip(pixels, records, strict=True)
+            if (rec.force_n or 0.0) < 0.1]
+    assert touching and statistics.median(touching) > 15
+    assert free and statistics.median(free) < 8  # the approach, before contact
+
+
+async def test_a_stream_that_ends_is_reopened(tmp_path: Path) -> None:
+    """A grabber unplugged (here: the stream's connection dropped) comes back by reopening."""
+    stream = FrameStream(lambda: ((0.0, 0.0, SKIN - 0.003), DOWN, 4.0), frame_rate_hz=30,
+                         geometry=SMALL)
+    async with stream, SimulatorServer(stream.serve, Endpoint("tcp")) as server:
+        url = server.address.replace("socket://", "http://") + STREAM_PATH
+        with pytest.raises(CameraSettingError, match="resolution: the stream .* is 200x150"):
+            await FrameGrabber(url, resolution=(320, 240)).open()
+        grabber = FrameGrabber(url, resolution=(200, 150))
+        svc = UltrasoundService(UltrasoundSection(live_rate_hz=0.0), grabber, PoseTrack(),
+                                output_dir=tmp_path)
+        await grabber.open()
+        capture = asyncio.create_task(svc.run())
+        try:
+            await wait_for(lambda: svc.frames >= 5, 20)
+            server.faults.disconnect()
+            await wait_for(lambda: svc.source_errors >= 1, 20)
+            seen = svc.frames
+            await wait_for(lambda: svc.frames >= seen + 5, 20)
+        finally:
+            capture.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await capture
+            await svc.close()
+            await grabber.close()
+    assert stream.stats.readers >= 3  # the wrong-size open, the first stream, the reopened one
+    latest = svc.latest
+    assert latest is not None and (latest.rows, latest.columns) == (150, 200)
+
+
+def test_pose_follower_reads_the_state_message_and_refuses_a_bad_url() -> None:
+    follower = PoseFollower("mqtt://127.0.0.1:1883/medge/v1/s/n/probe-arm/state")
+    assert follower() == ((0.0, 0.0, 0.0), DOWN, 0.0)  # before any message: no contact
+    follower.update(b'{"pose": {"tip": [0.01, 0.0, -0.223], "tilt": [0.0, 0.0]}, "force_n": 4.2}')
+    follower.update(b'{"pose": {"tip": [1, 2]}}')  # not a pose: ignored
+    tip, axis, force = follower()
+    assert tip == (0.01, 0.0, -0.223) and axis == pytest.approx(DOWN) and force == 4.2
+    assert follower.messages == 1
+    with pytest.raises(UltrasoundSimError, match="mqtt://HOST:PORT/TOPIC"):
+        PoseFollower("http://127.0.0.1/state")

@@ -80,7 +80,8 @@ class UltrasoundError(RuntimeError):
 @dataclass(frozen=True)
 class UltrasoundSection:
     source: str = "simulated"
-    """``simulated`` (the phantom, from the simulated robot) or the grabber's video device."""
+    """``simulated`` (the phantom rendered in the daemon from its measured pose), the grabber's
+    video device, or a grabber's stream URL (``http://…``: e.g. ``medge sim ultrasound``)."""
     resolution: tuple[int, int] = (1920, 1080)
     """What the grabber digitises (the ultrasound machine's video output)."""
     crop: tuple[int, int, int, int] | None = None
@@ -196,6 +197,8 @@ class UltrasoundService:
         self.dropped = 0
         """Frame slots the source skipped (gaps in capture time over 1.5 periods)."""
         self.live_sent = 0
+        self.source_errors = 0
+        """Capture failures (each followed by reopening the source)."""
         self.recording: Recording | None = None
         self.written: list[Path] = []
         self.sweep: SweepRun | None = None
@@ -224,7 +227,7 @@ class UltrasoundService:
     # --- capture ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Capture until cancelled; a frame source error is logged and retried after 1 s.
+        """Capture until cancelled; after a frame source error the source is reopened.
 
         Reading and encoding are pipelined: the read of the next frame never waits for the
         encoding of the last one (a grabber that is not read in time drops frames). Up to a
@@ -238,8 +241,9 @@ class UltrasoundService:
                 try:
                     image = await self.source.capture()
                 except (OSError, ValueError) as exc:
-                    log.error("ultrasound capture failed", error=str(exc))
-                    await asyncio.sleep(1.0)
+                    log.error("ultrasound capture failed; reopening the source", error=str(exc))
+                    self.source_errors += 1
+                    await self._reopen()
                     continue
                 try:
                     backlog.put_nowait((image, self.clock() - self.section.capture_latency_s))
@@ -249,6 +253,18 @@ class UltrasoundService:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
+
+    async def _reopen(self) -> None:
+        """An unplugged grabber or an ended stream does not come back by reading again: close
+        the source and open it anew, once a second until it opens."""
+        await self.source.close()
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.source.open()
+                return
+            except (OSError, ValueError) as exc:
+                log.warning("ultrasound source does not open", error=str(exc))
 
     async def _consume(self, backlog: asyncio.Queue[tuple[GrayFrame, float]]) -> None:
         while True:
@@ -377,7 +393,8 @@ class UltrasoundService:
                 "sweep": self.sweep.summary() if self.sweep else None,
                 "recording": self.recording.recording_id if self.recording else None,
                 "written": [p.name for p in self.written],
-                "frames": self.frames, "dropped": self.dropped}
+                "frames": self.frames, "dropped": self.dropped,
+                "source_errors": self.source_errors}
 
 
 def _encode(image: GrayFrame, quality: int) -> bytes:
