@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import aiomqtt
 import cv2
 import numpy as np
 import pytest
+import structlog
 
 from daemons.manipulator.kinematics import ProbePose, Twist, probe_axis
 from daemons.manipulator.teleop_protocol import decode_setpoint
@@ -341,8 +342,16 @@ async def test_settings_round_trip_through_the_api_and_the_file(
 
 # --- command line ----------------------------------------------------------------------------
 
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """``medge console`` points structlog at stderr for its process; in this test process the
+    other tests expect the default (stdout) back."""
+    yield
+    structlog.reset_defaults()
+
+
 def test_cli_needs_an_operator_identity_and_names_bad_options(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cli_logging: None) -> None:
     base = ["console", "--broker", "127.0.0.1:1", "--no-browser", "--spacemouse", "off"]
     assert main([*base, "--robot", "site/node"]) == EXIT_USAGE
     assert "--user" in capsys.readouterr().err
@@ -355,7 +364,8 @@ def test_cli_needs_an_operator_identity_and_names_bad_options(
     assert "--key" in capsys.readouterr().err
 
 
-def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str],
+                                           cli_logging: None) -> None:
     port = free_port()  # nothing listens there
     status = main(["console", "--broker", f"127.0.0.1:{port}", "--robot", "site/node",
                    "--user", "alice", "--no-browser", "--spacemouse", "off"])
