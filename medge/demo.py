@@ -165,7 +165,10 @@ def robot_part(demo: Demo) -> list[str]:
         f'[mqtt]\nhost = "127.0.0.1"\nport = {demo.broker.port}\n\n'
         f'[manipulator]\nbus = "socket://127.0.0.1:{bus_port}"\n'
         f'force_sensor = "socket://127.0.0.1:{force_port}"\n\n'
-        f'[manipulator.registration]\ncamera = "simulated"\n')
+        f'[manipulator.registration]\ncamera = "simulated"\n\n'
+        # the phantom seen from the robot's measured pose: the console's live ultrasound image
+        f'[manipulator.ultrasound]\nsource = "simulated"\nresolution = [640, 480]\n'
+        f'frame_rate_hz = 15.0\n')
     demo.spawn("manipulator", "run", "manipulator", "--config", str(config))
     console = demo.spawn("console", "console", "--broker", f"127.0.0.1:{demo.broker.port}",
                          "--robot", f"{site}/{node}", "--user", "demo-sonographer",
@@ -173,7 +176,8 @@ def robot_part(demo: Demo) -> list[str]:
     url = _printed_url(demo.workdir / "console.log", console, timeout=30)
     return [f"tele-ultrasound robot: manipulator on the simulated bus and load cell "
             f"(config {config}); sonographer console {url or '(did not start: see console.log)'}"
-            " — Arm, then hold Space and use W/A/S/D/Q/E"]
+            " — Arm, then hold Space and use W/A/S/D/Q/E (E lowers the probe onto the phantom:"
+            " the live ultrasound image appears)"]
 
 
 def _printed_url(log: Path, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
