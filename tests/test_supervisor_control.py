@@ -222,6 +222,19 @@ async def test_unplugged_servo_bus_latches_estop() -> None:
         assert events.count("servo watchdog gap") == 1, events  # once, not every cycle
 
 
+async def test_a_stalled_servo_bus_is_logged_failed_once_until_it_answers_again() -> None:
+    faults = Faults()
+    async with manipulator(bus_faults=faults) as m:
+        with capture_logs() as logs:
+            faults.stall()  # the servos stop answering; goal writes still "succeed" (no reply)
+            await wait_for(lambda: Reason.ESTOP_SERVO_LINK in m.status_reasons())
+            await asyncio.sleep(WATCHDOG_S * 5)
+            faults.stall(False)
+            await wait_for(lambda: any(e["event"] == "servo bus ok" for e in logs))
+        events = [entry["event"] for entry in logs if entry["event"].startswith("servo bus")]
+        assert events == ["servo bus failed", "servo bus ok"]
+
+
 async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset() -> None:
     """If the daemon's loop stalls past the servos' watchdog, the servos stop and ignore goals:
     the daemon must latch an E-stop instead of believing it is still moving them."""

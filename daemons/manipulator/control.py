@@ -121,19 +121,22 @@ class ControlLoop:
         started = self.clock()
         supervisor = self.supervisor
         self._check_watchdog_gap(started)
+        read_ok = False
         try:
             self.last_states = await self.servos.read_states()
         except DynamixelError as exc:
             self._bus_failed(exc)
         else:
             self._last_bus_traffic = self.clock()
+            read_ok = True
         output = supervisor.step(self.force_source(), [s.hardware_error for s in self.last_states])
         try:
             await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
         except DynamixelError as exc:
             self._bus_failed(exc)
         else:
-            self._bus_log.set("ok")
+            if read_ok:  # a write alone (no reply) does not show the servos answer again
+                self._bus_log.set("ok")
         self._cycle_times.append(self.clock() - started)
         self.last_output = output
         for listener in self.listeners:
