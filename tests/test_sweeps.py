@@ -14,11 +14,21 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from daemons.manipulator import us_dicom
-from daemons.manipulator.kinematics import Twist
-from daemons.manipulator.sweeps import Phase, Surface, SweepSpec, path_pose
+from daemons.manipulator.kinematics import HolderKinematics, Twist, probe_axis
+from daemons.manipulator.supervisor import Supervisor
+from daemons.manipulator.sweeps import (
+    Phase,
+    Surface,
+    SweepError,
+    SweepSpec,
+    check_reachable,
+    path_pose,
+)
 from daemons.manipulator.ultrasound import UltrasoundSection, UltrasoundService, attach
 from firmware_sim.ultrasound import ImageGeometry, SimulatedUltrasound, world_probe
 from medge.exitcodes import EXIT_USAGE
@@ -68,6 +78,98 @@ def test_paths_follow_the_surface_and_the_fan_turns_about_the_tip() -> None:
     first, last = path_pose(FAN, surface, 0.0), path_pose(FAN, surface, FAN.length)
     assert first.tip == last.tip and (first.tilt_a, last.tilt_a) == pytest.approx((-0.1, 0.1))
     assert path_pose(SHORT, surface, 99.0).tip_x == pytest.approx(0.008)  # clamped
+
+
+def tilted_plane(degrees: float) -> tuple[Surface, object]:
+    """Skin rising along +x at ``degrees``, sampled every 3 mm with 0.2 mm of depth noise."""
+    slope = math.tan(math.radians(degrees))
+    return _sampled(lambda x, y: -0.22 + slope * x), \
+        lambda x, y: np.array([-slope, 0.0, 1.0]) / math.hypot(slope, 1.0)
+
+
+def dome(radius: float = 0.08) -> tuple[Surface, object]:
+    """A sphere cap of ``radius`` (a thin patient's flank) topping at z = -0.20."""
+    centre = -0.20 - radius
+    return _sampled(lambda x, y: centre + math.sqrt(radius ** 2 - x * x - y * y)), \
+        lambda x, y: np.array([x, y, math.sqrt(radius ** 2 - x * x - y * y)]) / radius
+
+
+def _sampled(height: object) -> Surface:
+    rng = np.random.default_rng(3)
+    grid = np.arange(-0.05, 0.0501, 0.003)
+    points = [(x, y, height(x, y) + rng.normal(0, 0.0002))  # type: ignore[operator]
+              for x in grid for y in grid]
+    return Surface(points)
+
+
+def expected_axis(normal: np.ndarray, tilt: tuple[float, float]) -> np.ndarray:
+    """The set tilt measured from the inward normal, by SciPy's smallest rotation up -> normal."""
+    rotation, _ = Rotation.align_vectors([normal], [[0.0, 0.0, 1.0]])
+    return np.asarray(rotation.apply(probe_axis(*tilt)))
+
+
+@pytest.mark.parametrize("surface_of", [lambda: tilted_plane(15.0), dome])
+@pytest.mark.parametrize("spec", [
+    SweepSpec(start=(-0.02, -0.01), end=(0.02, 0.01), tilt=(0.0, 0.15), press_m=0.003),
+    SweepSpec(start=(-0.015, 0.0), end=(0.015, 0.0), tilt=(-0.1, 0.05), press_m=0.002),
+    SweepSpec(kind="fan", start=(0.01, 0.005), fan_rad=0.2, fan_axis="b", press_m=0.003),
+])
+def test_probe_axis_is_the_set_tilt_from_the_surface_normal_at_every_waypoint(
+        surface_of: object, spec: SweepSpec) -> None:
+    surface, true_normal = surface_of()  # type: ignore[operator]
+    for index in range(41):
+        progress = spec.length * index / 40
+        pose = path_pose(spec, surface, progress)
+        if spec.kind == "linear":
+            fraction = progress / spec.length
+            x = spec.start[0] + (spec.end[0] - spec.start[0]) * fraction
+            y = spec.start[1] + (spec.end[1] - spec.start[1]) * fraction
+            tilt = spec.tilt
+        else:
+            (x, y), angle = spec.start, progress - spec.fan_rad
+            tilt = (0.0, angle)
+        normal = true_normal(x, y)
+        want = expected_axis(normal, tilt)
+        error = math.degrees(math.acos(min(1.0, float(np.dot(pose.axis, want)))))
+        assert error < 1.0, (index, error)
+        # the tip is press_m into the skin along the normal from the point under the path
+        skin = np.array(pose.tip) + spec.press_m * normal
+        assert skin[:2] == pytest.approx([x, y], abs=1e-4)
+
+
+def test_a_sweep_needing_an_unreachable_tilt_names_the_waypoint() -> None:
+    """The holder's tilt joints stop at ±0.6 rad (0.55 with the supervisor's margin): a 28°
+    slope plus a set tilt of 0.1 rad the same way is past it; 10° is not."""
+    supervisor = Supervisor(HolderKinematics(), [0.0] * 5)
+    steep, _ = tilted_plane(28.0)
+    spec = SweepSpec(start=(0.02, 0.0), end=(0.04, 0.0), tilt=(0.0, -0.1))
+    with pytest.raises(SweepError, match=r"waypoint 0 of 21 \(x 20.0 mm.*2[78].\d° from "
+                                         r"vertical.*b -3\d.\d°: joint tilt_b .*outside its "
+                                         r"limits") as refused:
+        check_reachable("flank", spec, steep, supervisor)
+    assert refused.value.reason == "unreachable_waypoint"
+    level_then_steep = Surface([(x, y, -0.22 + max(0.0, x - 0.005) * math.tan(math.radians(40)))
+                                for x in np.arange(-0.05, 0.05, 0.003)
+                                for y in np.arange(-0.05, 0.05, 0.003)])
+    across = SweepSpec(start=(-0.02, 0.0), end=(0.02, 0.0), tilt=(0.0, -0.1))
+    with pytest.raises(SweepError, match=r"waypoint (2\d|3\d) of 41"):  # past the bend
+        check_reachable("flank", across, level_then_steep, supervisor)
+    assert check_reachable("flank", spec, tilted_plane(10.0)[0], supervisor) == 21
+
+
+async def test_unreachable_sweep_is_refused_before_any_motion(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with us_rig(broker.port, tmp_path) as (r, svc):
+        steep, _ = tilted_plane(35.0)
+        since = r.sim.clock()
+        with pytest.raises(SweepError) as refused:
+            svc.start_sweep("short", r.daemon.control, steep)
+        assert refused.value.reason == "unreachable_waypoint"
+        assert "waypoint 0 of 17" in str(refused.value)
+        assert r.daemon.control.supervisor.operator is None  # the lease was never taken
+        assert svc.sweep is None and svc.recording is None
+        await wait_for(lambda: r.sim.clock() > since + 0.5, 10)
+        assert r.moved_after(since) == []
 
 
 @pytest.mark.parametrize("spec", [dict(start=(0.0, 0.0), end=(0.0, 0.0)),

@@ -445,16 +445,25 @@ class Supervisor:
             return self._approach(setpoint.pose, reasons), 0.0
         return [0.0] * _POSE_DIMENSIONS, 0.0
 
-    def _approach(self, target: ProbePose, reasons: set[Reason]) -> list[float]:
-        """Rates towards an absolute target, slowing so that it arrives without overshoot."""
+    def unreachable(self, target: ProbePose) -> str | None:
+        """Why an absolute target is refused (joint limits with their margins, the workspace
+        wall), or None; sweeps check their whole path with it before they move."""
         cfg = self.config
         try:
             self.kinematics.check_limits(self.kinematics.inverse(target, check_limits=False),
                                          cfg.joint_margin)
-        except UnreachablePose:
-            reasons.add(Reason.UNREACHABLE_TARGET)
-            return [0.0] * _POSE_DIMENSIONS
-        if cfg.workspace.outside(target.tip, cfg.workspace_margin_m):
+        except UnreachablePose as exc:
+            return f"{exc} (margins included)"
+        outside = cfg.workspace.outside(target.tip, cfg.workspace_margin_m)
+        if outside:
+            return (f"tip {'xyz'[outside[0]]} = {target.tip[outside[0]]:.4f} m is outside the "
+                    f"workspace (margin {cfg.workspace_margin_m} m)")
+        return None
+
+    def _approach(self, target: ProbePose, reasons: set[Reason]) -> list[float]:
+        """Rates towards an absolute target, slowing so that it arrives without overshoot."""
+        cfg = self.config
+        if self.unreachable(target) is not None:
             reasons.add(Reason.UNREACHABLE_TARGET)
             return [0.0] * _POSE_DIMENSIONS
         rates = []

@@ -12,11 +12,24 @@ above the warning level) the path waits instead of running ahead.
 
 Paths (all in the robot base frame, where the registered patient surface is given):
 
-* ``linear``: the tip from ``start`` to ``end`` (x, y) at a fixed tilt, ``press_m`` below the
-  surface (the surface height under each point comes from the registered surface points, or
-  from ``surface_z_m`` when no registration is available);
+* ``linear``: the tip from ``start`` to ``end`` (x, y), ``press_m`` into the skin along its
+  normal, the probe held at the set ``tilt`` *from the skin's normal* at every point, as a
+  sonographer holds it;
 * ``fan``: the tip held at ``start`` while the probe tilts about the tip (the remote centre of
-  motion) from ``-fan_rad`` to ``+fan_rad`` about the axis given by ``fan_axis``.
+  motion) from ``-fan_rad`` to ``+fan_rad`` about the axis given by ``fan_axis``, the fan
+  centred on the skin's normal.
+
+The skin's height and normal under a point come from the registered surface points: the
+least-squares tangent plane of those within ``NORMAL_RADIUS_M``; with fewer than
+``MIN_PLANE_POINTS`` there, the highest point within ``SURFACE_RADIUS_M`` and straight up;
+with no registration, ``surface_z_m`` and straight up. A tilt ``(a, b)`` from the normal is
+``probe_axis(a, b)`` turned by the smallest rotation taking the base frame's up to the normal,
+so that on a level surface it is the same tilt as in the base frame. The holder reaches any
+axis direction within its two tilt joints' limits (spin about the axis is free: no joint), so
+before a sweep takes the lease every waypoint of its path (each millimetre, or 0.01 rad of a
+fan) is checked against the supervisor's own rules for an absolute target (joint limits with
+margins, the workspace box); one that fails refuses the sweep, naming the waypoint, before any
+motion.
 
 A watching doctor may **pause** (the sweep holds its current target, lease kept), **take over**
 (the lease passes to the doctor at once — the supervisor carries the motion on without a step —
@@ -39,8 +52,8 @@ import numpy.typing as npt
 import structlog
 
 from daemons.manipulator.control import ControlLoop
-from daemons.manipulator.kinematics import ProbePose
-from daemons.manipulator.supervisor import ArmState, CycleOutput, Reason, Setpoint
+from daemons.manipulator.kinematics import ProbePose, Vector3, probe_axis, tilts_for_axis
+from daemons.manipulator.supervisor import ArmState, CycleOutput, Reason, Setpoint, Supervisor
 from drivers.dynamixel import ServoState
 from medge.config import bounds
 
@@ -49,7 +62,13 @@ log = structlog.get_logger(__name__)
 ARRIVED_M = 0.001
 ARRIVED_RAD = 0.01
 SURFACE_RADIUS_M = 0.01
-"""Registered surface points within this distance (in x, y) give the height under a point."""
+"""Too few points for a tangent plane: the highest one within this distance gives the height."""
+NORMAL_RADIUS_M = 0.015
+"""Registered surface points within this distance (in x, y) give the local tangent plane."""
+MIN_PLANE_POINTS = 6
+UP: Vector3 = (0.0, 0.0, 1.0)
+WAYPOINT_STEP_M = 0.001
+WAYPOINT_STEP_RAD = 0.01
 SWEEP_OPERATOR_PREFIX = "sweep."
 STOP_REASONS = frozenset({Reason.FORCE_LIMIT, Reason.UNREACHABLE_TARGET, Reason.COMMAND_LOST})
 HOLD_REASONS = frozenset({Reason.FORCE_SENSOR_SILENT, Reason.FORCE_SENSOR_IMPLAUSIBLE,
@@ -108,25 +127,83 @@ class Surface:
         self.default_z_m = default_z_m
 
     def z_at(self, x: float, y: float) -> float:
+        """The highest registered point within ``SURFACE_RADIUS_M``, else the default."""
         if len(self.points):
             near = np.hypot(self.points[:, 0] - x, self.points[:, 1] - y) < SURFACE_RADIUS_M
             if near.any():
                 return float(np.max(self.points[near, 2]))
         return self.default_z_m
 
+    def local(self, x: float, y: float) -> tuple[float, Vector3]:
+        """Height and outward unit normal of the skin at ``(x, y)`` (the module's rules)."""
+        if len(self.points):
+            points = self.points
+            near = points[np.hypot(points[:, 0] - x, points[:, 1] - y) < NORMAL_RADIUS_M]
+            if len(near) >= MIN_PLANE_POINTS:
+                design = np.column_stack([near[:, 0] - x, near[:, 1] - y, np.ones(len(near))])
+                solution, _, rank, _ = np.linalg.lstsq(design, near[:, 2], rcond=None)
+                if rank == 3:
+                    slope_x, slope_y, height = (float(v) for v in solution)
+                    norm = math.sqrt(slope_x * slope_x + slope_y * slope_y + 1.0)
+                    return height, (-slope_x / norm, -slope_y / norm, 1.0 / norm)
+        return self.z_at(x, y), UP
+
+
+def axis_from_normal(normal: Vector3, tilt: tuple[float, float]) -> Vector3:
+    """The probe axis at ``tilt`` from the skin's inward normal: ``probe_axis(*tilt)`` turned by
+    the smallest rotation taking up (0, 0, 1) to ``normal`` (Rodrigues; ``normal`` points up)."""
+    v = probe_axis(*tilt)
+    nx, ny, cos = normal
+    k = (-ny, nx, 0.0)  # up x normal: the rotation axis scaled by the sine
+    k_cross_v = (k[1] * v[2] - k[2] * v[1], k[2] * v[0] - k[0] * v[2], k[0] * v[1] - k[1] * v[0])
+    k_dot_v = k[0] * v[0] + k[1] * v[1]
+    return (v[0] * cos + k_cross_v[0] + k[0] * k_dot_v / (1.0 + cos),
+            v[1] * cos + k_cross_v[1] + k[1] * k_dot_v / (1.0 + cos),
+            v[2] * cos + k_cross_v[2])
+
 
 def path_pose(spec: SweepSpec, surface: Surface, progress: float) -> ProbePose:
     """The target pose at ``progress`` along the path (path units, clamped to [0, length])."""
+    x, y, tilt = _path_point(spec, progress)
+    height, normal = surface.local(x, y)
+    tilt_a, tilt_b = tilts_for_axis(axis_from_normal(normal, tilt))
+    press = spec.press_m
+    return ProbePose(x - press * normal[0], y - press * normal[1], height - press * normal[2],
+                     tilt_a, tilt_b)
+
+
+def _path_point(spec: SweepSpec, progress: float) -> tuple[float, float, tuple[float, float]]:
+    """Where on the skin (x, y) and at which tilt from its normal the path is at ``progress``."""
     s = min(max(progress, 0.0), spec.length)
     if spec.kind == "linear":
         fraction = s / spec.length
-        x = spec.start[0] + (spec.end[0] - spec.start[0]) * fraction
-        y = spec.start[1] + (spec.end[1] - spec.start[1]) * fraction
-        return ProbePose(x, y, surface.z_at(x, y) - spec.press_m, *spec.tilt)
-    x, y = spec.start
+        return (spec.start[0] + (spec.end[0] - spec.start[0]) * fraction,
+                spec.start[1] + (spec.end[1] - spec.start[1]) * fraction, spec.tilt)
     angle = s - spec.fan_rad
-    tilt = (angle, 0.0) if spec.fan_axis == "a" else (0.0, angle)
-    return ProbePose(x, y, surface.z_at(x, y) - spec.press_m, *tilt)
+    return (*spec.start, (angle, 0.0) if spec.fan_axis == "a" else (0.0, angle))
+
+
+def check_reachable(name: str, spec: SweepSpec, surface: Surface,
+                    supervisor: Supervisor) -> int:
+    """Every waypoint of the path against the supervisor's rules for a target; raises
+    :class:`SweepError` ``unreachable_waypoint`` naming the first that fails. Returns the
+    number of waypoints checked."""
+    step = WAYPOINT_STEP_M if spec.kind == "linear" else WAYPOINT_STEP_RAD
+    count = max(1, math.ceil(spec.length / step)) + 1
+    for index in range(count):
+        progress = spec.length * index / (count - 1)
+        pose = path_pose(spec, surface, progress)
+        problem = supervisor.unreachable(pose)
+        if problem is not None:
+            x, y, _ = _path_point(spec, progress)
+            slope = math.degrees(math.acos(surface.local(x, y)[1][2]))
+            raise SweepError(
+                "unreachable_waypoint",
+                f"sweep {name}: waypoint {index} of {count} (x {x * 1000:.1f} mm, "
+                f"y {y * 1000:.1f} mm; skin normal {slope:.1f}° from vertical) needs probe "
+                f"tilts a {math.degrees(pose.tilt_a):.1f}°, b {math.degrees(pose.tilt_b):.1f}°: "
+                f"{problem}")
+    return count
 
 
 class Phase(enum.Enum):
@@ -163,6 +240,8 @@ class SweepRun:
     # --- public requests -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Check the whole path, then take the lease (nothing moves if either refuses)."""
+        check_reachable(self.name, self.spec, self.surface, self.loop.supervisor)
         decision = self.loop.arm(self.operator)
         if not decision.granted:
             raise SweepError(decision.reason.value,
