@@ -62,7 +62,11 @@ class SerialLink:
 
     @property
     def is_open(self) -> bool:
-        return (self._writer is not None or self._serial is not None) and not self._eof
+        """False once the device is gone: end of file, or a connection reset (the transport
+        closes without an end of file)."""
+        if self._writer is not None:
+            return not self._eof and not self._writer.transport.is_closing()
+        return self._serial is not None and not self._eof
 
     async def connect(self) -> None:
         """Open the link; raise :class:`LinkError` naming the URL on failure."""

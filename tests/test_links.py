@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from drivers.serial_link import LinkError, SerialLink
@@ -48,6 +51,30 @@ async def test_disconnect_is_reported() -> None:
                 await link.read(timeout=2)
             with pytest.raises(LinkError, match="disconnected"):  # not dropped with a warning
                 await link.write(b"anyone there?\n")
+
+
+async def test_a_connection_reset_closes_the_link() -> None:
+    """A device end that vanishes with a reset (no end of file) leaves the link not open, so
+    its owner knows to reopen it."""
+    async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        writer.transport.abort()  # closed with bytes unread: the kernel answers with a RST
+
+    server = await asyncio.start_server(reset_at_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with SerialLink.open(f"socket://127.0.0.1:{port}") as link:
+            assert link.is_open
+            await link.write(b"xyz")
+            with pytest.raises((LinkError, ConnectionError)):
+                await link.read(timeout=2)
+            assert not link.is_open
+            with pytest.raises(LinkError, match="disconnected"):
+                await link.write(b"y")
+    finally:
+        server.close()
+        with contextlib.suppress(ConnectionError):
+            await server.wait_closed()
 
 
 async def test_corruption_changes_bytes() -> None:
