@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from bench.parts import Sim
+from bench.parts import DaemonProcess, Sim
 from medge import cli
 from medge.config import load
 from medge.localpacs import Orthanc
@@ -76,11 +76,11 @@ slide = "test"
 {sim}""")
 
     def start(self) -> None:
-        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medge.cli", "run", "microscope", "--config",
-             str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        """The daemon logs into a pipe, as under journald: a disk-full fault hits its own files,
+        not its log."""
+        daemon = DaemonProcess("microscope", self.config, self.log)
+        daemon.start()
+        self.proc = daemon.proc
         asyncio.run(self._wait_ready())
 
     async def _wait_ready(self) -> None:
@@ -383,6 +383,34 @@ def test_blank_focus_fails_clearly_and_the_stage_and_camera_commands_work(
     assert snapshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "320x240" in out
     status, out, err = scanner.cli(capsys, "camera", "list")
     assert status == 0 and "tiles" in out and "overview" in out
+
+
+def test_a_disk_full_mid_scan_fails_the_job_clearly_and_the_queue_goes_on(
+        scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
+    """No file of the daemon may grow past 1 KiB (RLIMIT_FSIZE: EFBIG, as ENOSPC on a full
+    disk): neither tiles nor the job's state file can be written."""
+    scanner = scanners(time_scale=1.0)
+    job = scanner.submit(capsys)
+    scanner.wait_for(job, lambda s: s["phase"] == "acquire" and s["tiles_done"] >= 1)
+    assert scanner.proc is not None
+    pid = scanner.proc.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        final = scanner.wait_for(job, finished)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
+    assert final["status"] == "failed"
+    assert final["message"].startswith("disk full during acquire")
+    assert f"medge scan resume {job}" in final["message"]
+    tiles = scanner.workdir / "state" / "scans" / job / "tiles"
+    assert len(list(tiles.glob("*.png"))) >= final["tiles_done"] >= 1
+    second = scanner.submit(capsys)  # the queue goes on once there is room again
+    assert scanner.wait_for(second, finished)["status"] == "done"
+    status, _, err = scanner.cli(capsys, "scan", "resume", job)
+    assert status == 0, err
+    resumed = scanner.wait_for(job, finished)
+    assert resumed["status"] == "done" and resumed["tiles_done"] == 9
 
 
 def test_a_nearly_full_disk_refuses_the_scan_before_moving(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -78,9 +79,11 @@ MB = 1024 * 1024
 MAX_STAGE_RECOVERIES = 2
 STATE_SYNC_S = 2.0
 PNG_RATIO = 0.8
+"""Losslessly compressed tile size / raw size, for the disk estimate (H&E compresses poorly)."""
 FLAT_FRAME_SHARPNESS = 1e-5
 """Exposure-normalised Laplacian variance below which a tile is flagged as featureless."""
-"""Losslessly compressed tile size / raw size, for the disk estimate (H&E compresses poorly)."""
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""No space, quota exceeded, file size limit: a write failed for want of disk."""
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,8 @@ class Microscope:
     async def _run(self, job: JobState) -> None:
         job.status = "running"
         job.message = ""
-        await self._save(job, durable=True)
         try:
+            await self._save(job, durable=True)
             start = PHASES.index(job.phase) if job.phase else 0
             for phase in PHASES[start:]:
                 job.phase = phase
@@ -267,7 +270,11 @@ class Microscope:
             job.status = "failed"
             job.message = f"internal error in {job.phase}: {exc!r}; see the daemon log"
             await self._stop_stage()
-        await self._save(job, durable=True)
+        try:
+            await self._save(job, durable=True)
+        except OSError as exc:  # a full disk: the queue goes on; the file keeps the last state
+            log.error("job state not saved", job=job.id, error=str(exc))
+            await self.rt.publish_now(DAEMON, "state", self.progress(job), retain=True)
 
     async def _run_phase(self, job: JobState, phase: str) -> None:
         """Run one phase. A controller that rebooted or was re-plugged (USB reset: position
@@ -778,6 +785,9 @@ def failure_message(job: JobState, error: BaseException) -> str:
     if isinstance(error, CameraError):
         return (f"camera lost during {job.phase}: {error}; reconnect it, then `medge scan "
                 f"resume {job.id}` ({kept})")
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return (f"disk full during {job.phase}: {error.strerror or error}; free space (old "
+                f"scans already in the PACS), then `medge scan resume {job.id}` ({kept})")
     return f"{job.phase}: {error} ({kept})"
 
 
