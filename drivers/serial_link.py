@@ -116,7 +116,11 @@ class SerialLink:
         if self._eof:
             raise LinkError(f"{self.url}: device disconnected")
         if self._reader is not None:
-            data = await self._reader.read(65536)
+            try:
+                data = await self._reader.read(65536)
+            except ConnectionError as exc:  # a reset: the device end vanished with bytes unread
+                self._eof = True
+                raise LinkError(f"{self.url}: device disconnected ({exc})") from exc
             if not data:
                 self._eof = True
                 raise LinkError(f"{self.url}: device disconnected")
