@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim
-from daemons.microscope.jobs import PHASES
 from medge.config import load
 from medge.scancli import CliError, ScannerClient, ScannerNodeConfig
 
@@ -263,8 +262,8 @@ slide = "test"
                 ("scanner disk nearly full", self._disk_full)]
 
     async def working(self, since: float) -> None:
-        """A job moved forward after ``since`` (a tile, a phase, the end, a delivery), as the
-        job API reports it: failing is not working."""
+        """A job moved forward after ``since`` (a tile, the end, a delivery), as the job API
+        reports it: failing is not working."""
         while not any(at > since for at in self._advanced_at.values()):
             await self._refresh()
             await asyncio.sleep(0.5)
@@ -410,11 +409,11 @@ slide = "test"
         ]
 
 
-def _advance(summary: dict[str, Any]) -> tuple[int, int, int, int]:
-    """How far a job got: phase, tiles, finished, delivered — each only grows while it works."""
-    phase = summary.get("phase")
-    return (PHASES.index(phase) + 1 if phase in PHASES else 0, int(summary.get("tiles_done", 0)),
-            int(summary.get("status") == "done"), int(summary.get("delivery") == "delivered"))
+def _advance(summary: dict[str, Any]) -> tuple[int, int, int]:
+    """How far a job got on the stage and beyond: tiles, finished, delivered — each only grows
+    while the scanner works (overview, tissue and plan need neither the stage nor the PACS)."""
+    return (int(summary.get("tiles_done", 0)), int(summary.get("status") == "done"),
+            int(summary.get("delivery") == "delivered"))
 
 
 def _at_rest(summary: dict[str, Any]) -> bool:
