@@ -316,9 +316,9 @@ async def _record(client: TeleopClient, robot: TeleopClient, grabber: GrabberPro
     assert (await us_request(client, "record_start", {"label": "bench"})).ok
     sweep = await _start_sweep(client, robot)
     await asyncio.sleep(seconds)
-    stop = await us_request(client, "record_stop", timeout=60)
-    sim_after = await grabber.snapshot()
+    sim_after = await grabber.snapshot()  # before the stop: its DICOM write takes a while
     after = (await us_request(client, "list")).detail
+    stop = await us_request(client, "record_stop", timeout=60)
     await us_request(client, "sweep_abort")
     assert stop.ok, stop
     ds = us_dicom.load(work / "state" / "ultrasound" / str(stop.detail["file"]))

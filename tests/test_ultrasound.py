@@ -47,6 +47,7 @@ from firmware_sim.ultrasound_grabber import STREAM_PATH, FrameStream, PoseFollow
 from medge.localbroker import Mosquitto
 from medge.teleop import RobotTopics
 from tests.teleop_rig import NODE, ROBOT, SITE, rig, wait_for
+from tests.test_sweeps import SHARED_BOX_WATCHDOG_S
 from tests.us_grabber import grabber_process
 
 DOWN = (0.0, 0.0, -1.0)
@@ -234,6 +235,23 @@ async def test_frames_are_stamped_recorded_and_written(tmp_path: Path) -> None:
         await svc.stop_recording()
 
 
+async def test_a_recording_stops_at_the_dicom_frame_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_recording_s x frame rate may exceed what one instance holds (600 s x 30 fps >
+    10,000 frames): the recording is written at the instance's limit, not refused at stop."""
+    monkeypatch.setattr(us_dicom, "MAX_FRAMES", 4)
+    svc, _ = service(tmp_path, moving_track(), live_rate_hz=0.0)
+    image = np.full((30, 40), 90, np.uint8)
+    try:
+        svc.start_recording()
+        for index in range(6):
+            await svc.accept(image, 9.1 + index / 30)
+    finally:
+        await svc.close()
+    assert svc.recording is None and len(svc.written) == 1
+    assert us_dicom.load(svc.written[0]).NumberOfFrames == 4
+
+
 async def test_gaps_in_capture_times_count_dropped_frames(tmp_path: Path) -> None:
     svc, _ = service(tmp_path, moving_track(), live_rate_hz=0.0)
     image = np.zeros((30, 40), np.uint8)
@@ -369,7 +387,8 @@ async def test_daemon_records_from_the_simulator_process_through_opencv(
                                f"mqtt://127.0.0.1:{broker.port}/{state_topic}") as grabber:
         section = UltrasoundSection(source=grabber.url, resolution=(320, 240),
                                     live_rate_hz=0.0, sweeps={"short": short})
-        async with rig(broker.port, tmp_path, watchdog_s=0.3, ultrasound=section) as r:
+        async with rig(broker.port, tmp_path, watchdog_s=SHARED_BOX_WATCHDOG_S,
+                       ultrasound=section) as r:
             svc = r.daemon.ultrasound
             assert svc is not None and isinstance(svc.source, FrameGrabber)
             assert svc.source.camera.device_path == grabber.url

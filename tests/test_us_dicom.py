@@ -49,6 +49,22 @@ def write(tmp_path: Path) -> tuple[Path, list[FrameRecord], list[np.ndarray]]:
     return us_dicom.write_instance(ds, tmp_path / "out"), records, images
 
 
+def test_streamed_cine_is_the_same_instance(tmp_path: Path) -> None:
+    """``write_cine`` (frames streamed into the file: what the daemon writes) gives the same
+    encapsulated pixel data as ``build_dataset`` + ``write_instance``, odd-length frame too."""
+    jpegs, records, _ = sweep_recording()
+    jpegs[1] += b"" if len(jpegs[1]) % 2 else b"\0"  # after the EOI marker: still a JPEG
+    geometry = ImageGeometry(ROWS, COLUMNS, 0.5)
+    built = us_dicom.write_instance(us_dicom.build_dataset(EXAM, jpegs, records, geometry),
+                                    tmp_path / "built")
+    streamed = us_dicom.write_cine(EXAM, jpegs, records, geometry, tmp_path / "streamed")
+    assert us_dicom.validate(streamed) == []
+    a, b = us_dicom.load(built), us_dicom.load(streamed)
+    assert a.PixelData == b.PixelData and np.array_equal(a.pixel_array, b.pixel_array)
+    assert us_dicom.read_pose_sequence(b) == us_dicom.read_pose_sequence(a)
+    assert not list(streamed.parent.glob("*.partial"))
+
+
 def test_instance_is_valid_for_dciodvfy(tmp_path: Path) -> None:
     path, _, _ = write(tmp_path)
     assert us_dicom.validate(path) == []

@@ -292,8 +292,8 @@ class UltrasoundService:
                 recording.skipped_unposed += 1
             else:
                 recording.frames.append(frame)
-                if len(recording.frames) >= self.section.max_recording_s * \
-                        self.source.frame_rate_hz:
+                if len(recording.frames) >= min(us_dicom.MAX_FRAMES, self.section.max_recording_s
+                                                * self.source.frame_rate_hz):
                     await self.stop_recording()
         await self._live(frame)
         return frame
@@ -358,8 +358,8 @@ class UltrasoundService:
                                           self.section.depth_m * 1000.0 / first.rows)
         exam = us_dicom.Exam(self.section.patient_id, self.section.accession_number,
                              series_description=f"{recording.label} {recording.recording_id}")
-        ds = us_dicom.build_dataset(exam, [f.jpeg for f in frames], records, geometry)
-        return us_dicom.write_instance(ds, self.output_dir)
+        return us_dicom.write_cine(exam, [f.jpeg for f in frames], records, geometry,
+                                   self.output_dir)
 
     # --- sweeps ----------------------------------------------------------------------------
 
