@@ -85,7 +85,10 @@ class Rig:
 
     async def stop(self) -> None:
         for part in reversed(self._started):
-            await asyncio.to_thread(part.stop)
+            try:
+                await asyncio.to_thread(part.stop)
+            except Exception as exc:  # the other parts must stop all the same
+                print(f"  !! {part.name}: stop failed: {exc!r}", flush=True)
         self._started = []
         if self._listener is not None:
             self._listener.cancel()

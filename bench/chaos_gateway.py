@@ -84,6 +84,8 @@ class GatewayPart:
             "ventilator": Sim("modbus-vent"),
             "urine-printout": Sim("printout-urine", ("--every", strip_every)),
         }
+        for device, sim in self.sims.items():
+            sim.log = self.state / f"sim-{device}.log"
         devices: dict[str, dict[str, Any]] = {
             "oximeter": {"driver": "cms50", "obs_interval_s": publish, "pleth_every_s": 0.0},
             "urine-astm": {"driver": "urine-astm"},

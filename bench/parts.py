@@ -93,24 +93,49 @@ def make_part(name: str) -> Part:
 @dataclass
 class Sim:
     """A device simulator process (``medge sim NAME``) on a fixed port, so that it can die and
-    come back where the daemon expects it."""
+    come back where the daemon expects it. Its output goes to ``log`` (if given)."""
 
     name: str
     args: tuple[str, ...] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    _started: bool = False
 
     def start(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medge.cli", "sim", self.name, "--listen",
-             f"tcp://127.0.0.1:{self.port}", *self.args, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, timeout=60, proc=self.proc)  # slow start on a busy box
+        """Start it and wait until it listens. The very first start moves to another free
+        port if the process exits early (another program took the port meanwhile); later
+        starts keep the port, which the daemon's configuration names."""
+        for attempt in range(3):
+            try:
+                self._spawn(extra)
+                break
+            except RuntimeError:
+                if self._started or attempt == 2:
+                    raise
+                self.port = free_port()
+        self._started = True
+
+    def _spawn(self, extra: tuple[str, ...]) -> None:
+        with contextlib.ExitStack() as stack:
+            output = (subprocess.DEVNULL if self.log is None
+                      else stack.enter_context(self.log.open("ab")))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "medge.cli", "sim", self.name, "--listen",
+                 f"tcp://127.0.0.1:{self.port}", *self.args, *extra],
+                stdout=output, stderr=output)
+        try:
+            wait_for_port(self.port, timeout=60, proc=self.proc)  # slow start on a busy box
+        except RuntimeError as exc:
+            tail = self.log.read_text(errors="replace")[-400:] if self.log else ""
+            self.proc = None
+            raise RuntimeError(f"simulator {self.name}: {exc}; {tail}") from exc
 
     def kill(self) -> None:
-        """SIGKILL (after SIGCONT, in case a stall fault stopped it)."""
+        """SIGKILL (after SIGCONT, in case a stall fault stopped it); it may be dead already."""
         if self.proc is not None:
-            os.kill(self.proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.kill()
             self.proc.wait()
             self.proc = None
