@@ -40,6 +40,7 @@ from medge.console.spacemouse import (
 from medge.consolecli import identity
 from medge.exitcodes import EXIT_UNAVAILABLE, EXIT_USAGE
 from medge.localbroker import Mosquitto, free_port
+from medge.mqtt import LinkDown
 from medge.teleop import Broker, RobotTopics, TeleopClient
 from tests.fixtures.broker import make_ca
 
@@ -515,3 +516,32 @@ async def test_live_frames_reach_the_page_endpoint_old_ones_skipped_bad_ones_ref
         assert (status, header["seq"]) == (200, 3)
         summary = console.snapshot()["us"]
         assert (summary["received"], summary["refused"]) == (3, len(BAD_FRAMES))
+
+
+async def test_the_operator_link_announces_nothing_and_fails_requests_in_flight_at_a_loss(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """No birth, will or offline message (the operator ACL has no status topic), and a request
+    waiting for its reply learns of a broker loss at once, not at its timeout."""
+    async with aiomqtt.Client("127.0.0.1", broker.port,
+                              protocol=aiomqtt.ProtocolVersion.V5) as spy:
+        await spy.subscribe("medge/v1/#")
+        async with TeleopClient(Broker(port=broker.port), ROBOT, "alice") as client:
+            request = asyncio.create_task(client.arm())  # nobody answers: no daemon here
+            async with asyncio.timeout(5):
+                message = await anext(aiter(spy.messages))
+            assert message.topic.matches(ROBOT.request("alice"))  # the request, nothing before
+            started = time.monotonic()
+            await asyncio.to_thread(broker.stop)
+            with pytest.raises(LinkDown):
+                await request
+            assert time.monotonic() - started < 3.0  # the request's own timeout is 5 s
+            await asyncio.to_thread(broker.start)
+            await _until(lambda: client.connected, timeout=15)
+    # the spy's own link died with the broker; a fresh one sees no retained status either
+    async with aiomqtt.Client("127.0.0.1", broker.port,
+                              protocol=aiomqtt.ProtocolVersion.V5) as late:
+        await late.subscribe("medge/v1/#")
+        await late.publish("medge/v1/end", b"end")
+        async with asyncio.timeout(5):
+            message = await anext(aiter(late.messages))
+        assert message.topic.value == "medge/v1/end"
