@@ -275,6 +275,31 @@ async def test_gamepad_trigger_drives_and_losing_the_console_server_stops_the_ro
         await assert_stops_and_stays_stopped(r, lost_at)
 
 
+async def test_a_gamepad_trigger_held_through_a_stop_counts_only_once_let_go(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async with alice_console(broker, tmp_path, FAKE_GAMEPAD) as (r, page, server):
+        await page.click("#arm")
+        await banner(page, "idle")
+        await page.evaluate("() => { fakePad.axes[0] = 1; fakePad.buttons[7].value = 1; }")
+        await wait_for(lambda: r.tip()[0] > 0.003, timeout=20)
+        await page.evaluate(BLUR)
+        left_at = r.sim.clock()
+        await banner(page, "blur")
+        await page.evaluate(FOCUS)
+        await banner(page, "not-armed")  # the lease lapsed meanwhile
+        await page.click("#arm")
+        await banner(page, "idle")  # trigger still pulled: it does not count until let go
+        forwarded = server.counters.forwarded
+        await assert_stops_and_stays_stopped(r, left_at)
+        assert server.counters.forwarded == forwarded
+        await page.evaluate("() => { fakePad.buttons[7].value = 0; }")
+        await page.wait_for_function("() => !triggerLatched", timeout=UI_TIMEOUT_MS)
+        await page.evaluate("() => { fakePad.buttons[7].value = 1; }")  # pulled again
+        moved_from = r.tip()[0]
+        await wait_for(lambda: r.tip()[0] > moved_from + 0.003, timeout=20)
+        await banner(page, "moving")
+
+
 @pytest.mark.slow
 async def test_registration_started_from_the_page_shows_the_patient_surface(
         broker: Mosquitto, tmp_path: Path) -> None:
