@@ -326,7 +326,10 @@ async def _record(client: TeleopClient, robot: TeleopClient, grabber: GrabberPro
 
     def sim(key: str) -> int:
         return int(sim_after[key]) - int(sim_before[key])
-    return {"sweep": sweep, "frames recorded": int(ds.NumberOfFrames),
+    running = after["sweep"] or {}
+    return {"sweep": sweep, "sweep at the end": running.get("outcome") or running.get("phase"),
+            "frames recorded": int(ds.NumberOfFrames),
+            "frames without a pose (loop stalled > 50 ms)": stop.detail["skipped_unposed"],
             "grabber frames sent meanwhile": sim("sent"),
             "grabber slots skipped late": sim("skipped_late"),
             "grabber slots skipped, reader slow": sim("skipped_reader"),

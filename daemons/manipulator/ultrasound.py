@@ -200,6 +200,8 @@ class UltrasoundService:
         self.source_errors = 0
         """Capture failures (each followed by reopening the source)."""
         self.recording: Recording | None = None
+        self.last_recording: Recording | None = None
+        """The recording stopped last (its frame and skipped counts for the stop reply)."""
         self.written: list[Path] = []
         self.sweep: SweepRun | None = None
         self.latest: StampedFrame | None = None
@@ -333,6 +335,7 @@ class UltrasoundService:
         recording, self.recording = self.recording, None
         if recording is None:
             raise UltrasoundError("not_recording", "no recording is running")
+        self.last_recording = recording
         if not recording.frames:
             raise UltrasoundError("empty_recording",
                                   f"recording {recording.recording_id} captured no posed frame")
@@ -551,7 +554,11 @@ class UsRequests:
             return proto.Reply(command, True, "ok", {"recording": service.start_recording(label)})
         if command == "record_stop":
             path = await service.stop_recording()
-            return proto.Reply(command, True, "ok", {"file": path.name})
+            stopped = service.last_recording
+            assert stopped is not None
+            return proto.Reply(command, True, "ok", {
+                "file": path.name, "frames": len(stopped.frames),
+                "skipped_unposed": stopped.skipped_unposed})
         if command == "sweep_start":
             name = args.get("name")
             if not isinstance(name, str):
