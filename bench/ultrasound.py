@@ -9,6 +9,8 @@
   (stamp + JPEG + record): the headroom above the grabber's rate;
 * **live view**: with mosquitto on loopback, the time from a frame's capture to its arrival
   at a subscriber (the JPEG + header message on ``state/us``), p50/p99/max, at 10 fps;
+* **DICOM write**: the longest event-loop stall while the encoder thread writes a 300- and a
+  3000-frame cine, streamed (the daemon's way) and built in memory first;
 * **live simulator process**: the whole robot as deployed, each part its own process — the
   Dynamixel bus and load cell (``medge sim dynamixel``), the grabber (``medge sim ultrasound``:
   800x600 B-mode rendered from the robot's state topic, served as MJPEG over HTTP) and the
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import aiomqtt
+import cv2
 import numpy as np
 
 from bench.gateway import cpu_seconds
@@ -71,6 +74,11 @@ async def _feed_track(track: PoseTrack, stop: asyncio.Event) -> None:
         x = 0.02 * float(np.sin(now - start))
         track.add(PoseSample(now, ProbePose(x, 0.0, SKIN, 0.0, 0.0), 4.5))
         await asyncio.sleep(0.01)
+
+
+def _phantom_jpegs(count: int) -> list[bytes]:
+    return [cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+            for frame in _phantom_frames(count)]
 
 
 def _phantom_frames(count: int) -> list[np.ndarray]:
@@ -341,6 +349,39 @@ async def _record(client: TeleopClient, robot: TeleopClient, grabber: GrabberPro
             "daemon source errors": after["source_errors"] - before["source_errors"]}
 
 
+async def write_stall(frames: int, out: Path) -> dict[str, float]:
+    """The longest event-loop stall (ms) while a worker thread writes a cine of ``frames``
+    800x600 frames: streamed (``write_cine``, the daemon's way) vs built in memory first."""
+    jpeg = _phantom_jpegs(1)[0]
+    records = [us_dicom.FrameRecord(i / FPS, (0.0, 0.0, SKIN), (0.0, 0.0), 4.5)
+               for i in range(frames)]
+    geometry = us_dicom.ImageGeometry(HEIGHT, WIDTH, 0.1)
+    exam = us_dicom.Exam("BENCH", "BENCH")
+    jpegs = [jpeg] * frames
+    writers = {
+        "streamed": lambda: us_dicom.write_cine(exam, jpegs, records, geometry, out),
+        "in memory": lambda: us_dicom.write_instance(
+            us_dicom.build_dataset(exam, jpegs, records, geometry), out)}
+    stalls = {}
+    for name, write in writers.items():
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def watch(lags: list[float] = lags, done: asyncio.Event = done) -> None:
+            while not done.is_set():
+                began = time.perf_counter()
+                await asyncio.sleep(0.002)
+                lags.append(time.perf_counter() - began - 0.002)
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.05)
+        path = await asyncio.to_thread(write)
+        done.set()
+        await watcher
+        path.unlink()
+        stalls[name] = max(lags) * 1000.0
+    return stalls
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(fraction * 100) - 1]
 
@@ -352,6 +393,7 @@ async def main(seconds: float, only_process: bool) -> None:
             rec = await recording(seconds, out)
             rate = await throughput(300, out)
             live = await live_view(seconds, out)
+            stalls = {frames: await write_stall(frames, out) for frames in (300, 3000)}
         processes = {}
         for name, cache in (("every frame rendered", 0), ("pose cache", 256),
                             ("no ultrasound: control loop alone", None)):
@@ -378,6 +420,9 @@ async def main(seconds: float, only_process: bool) -> None:
         print(f"{'live view: capture->subscriber p50 (ms)':<44}{_percentile(live, 0.5):>12.1f}")
         print(f"{'live view: capture->subscriber p99 (ms)':<44}{_percentile(live, 0.99):>12.1f}")
         print(f"{'live view: capture->subscriber max (ms)':<44}{max(live):>12.1f}")
+    for frames, by_way in stalls.items():
+        for way, stall in by_way.items():
+            print(f"{f'DICOM write {frames} frames, {way}: loop stall ms':<44}{stall:>12.1f}")
 
 
 if __name__ == "__main__":
