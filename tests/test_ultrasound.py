@@ -11,6 +11,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import aiomqtt
 import cv2
@@ -27,6 +28,7 @@ from daemons.manipulator.ultrasound import (
     UltrasoundError,
     UltrasoundSection,
     UltrasoundService,
+    UsRequests,
     age_ms,
     attach,
     decode_us_request,
@@ -233,6 +235,22 @@ async def test_frames_are_stamped_recorded_and_written(tmp_path: Path) -> None:
     assert recording in path.read_bytes().decode("latin-1")
     with pytest.raises(UltrasoundError, match="no recording"):
         await svc.stop_recording()
+
+
+async def test_record_stop_replies_with_the_frame_counts(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path, moving_track(), live_rate_hz=0.0)
+    requests = UsRequests(cast(Any, None), svc)  # record_stop needs only the service
+    image = np.full((30, 40), 90, np.uint8)
+    try:
+        svc.start_recording()
+        await svc.accept(image, 8.5)  # before the pose history: skipped
+        for index in range(3):
+            await svc.accept(image, 9.1 + index / 30)
+        reply = await requests.execute("record_stop", {}, "alice")
+    finally:
+        await svc.close()
+    assert reply.ok and (reply.detail["frames"], reply.detail["skipped_unposed"]) == (3, 1)
+    assert reply.detail["file"] == svc.written[0].name
 
 
 async def test_a_recording_stops_at_the_dicom_frame_limit(
