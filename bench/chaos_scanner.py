@@ -361,14 +361,19 @@ slide = "test"
         return None
 
     def _tiles_problem(self, job: Submitted) -> str | None:
-        """None if a failed job says why and every tile it recorded is on disk."""
-        state = json.loads((self._job_dir(job) / "state.json").read_text())
-        if not state.get("message"):
+        """None if a failed job says why (the daemon's answer: a full disk may have kept its
+        state file from being rewritten) and its tiles are on disk."""
+        if not job.summary.get("message"):
             return "failed without a reason"
+        state = json.loads((self._job_dir(job) / "state.json").read_text())
         tiles = self._job_dir(job) / "tiles"
         missing = [t["index"] for t in state.get("tiles", [])
                    if not (tiles / f"{t['index']:05d}.png").is_file()]
-        return f"tiles {missing[:10]} missing" if missing else None
+        on_disk = len(list(tiles.glob("*.png"))) if tiles.is_dir() else 0
+        done = int(job.summary.get("tiles_done", 0))
+        if missing or on_disk < done:
+            return f"tiles missing: {missing[:10]}; {on_disk} on disk of {done}"
+        return None
 
     async def check(self) -> list[Check]:
         answered = await self._refresh()
@@ -392,6 +397,8 @@ slide = "test"
                 else:
                     problems.append(f"{job.job}: {problem}")
         resumed = sum(1 for j in self.jobs.values() if j.summary.get("resumes", 0))
+        retried = sum(1 for j in self.jobs.values()
+                      if "after a retry" in str(j.summary.get("message", "")))
         reasons = sorted({_reason(j.summary.get("message", "")) for j in self.jobs.values()
                           if j.summary.get("status") == "failed"})
         return [
@@ -403,7 +410,8 @@ slide = "test"
             Check(self.name, "every scan in the PACS or failed with its tiles",
                   not problems and in_pacs + failed_ok == len(self.jobs),
                   f"{in_pacs} complete in the PACS (one series each), {failed_ok} failed/"
-                  f"cancelled with reason and tiles; {resumed} resumed after a fault"
+                  f"cancelled with reason and tiles; {resumed} resumed after a fault, "
+                  f"{retried} delivered from the spool after the PACS was back"
                   + (f"; failures: {'; '.join(reasons)}" if reasons else "")
                   + (f"; PROBLEMS: {'; '.join(problems[:5])}" if problems else "")),
         ]
