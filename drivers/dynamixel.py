@@ -131,6 +131,12 @@ def _to_signed(value: int, size: int) -> int:
     return value - (1 << bits) if value & (1 << (bits - 1)) else value
 
 
+def _link_error(url: str, exc: OSError) -> DynamixelLinkError:
+    """A LinkError names the URL already (the operator saw it twice); a bare ConnectionError
+    does not."""
+    return DynamixelLinkError(str(exc) if isinstance(exc, LinkError) else f"{url}: {exc}")
+
+
 def encode_value(register: Register, value: int) -> bytes:
     """Little-endian bytes for ``value``; negative values are sent as two's complement."""
     return (value % (1 << (8 * register.size))).to_bytes(register.size, "little")
@@ -170,7 +176,7 @@ class DynamixelBus:
                 f"{self.timeout_s * 1000:.0f} ms"
             ) from None
         except (LinkError, ConnectionError) as exc:
-            raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
+            raise _link_error(self.link.url, exc) from exc
 
     async def _transact(
         self, servo_id: int, instruction: Instruction, params: bytes, reply_ids: Sequence[int]
@@ -184,7 +190,7 @@ class DynamixelBus:
                     await self.link.write(packet)
                     replies = [await self._receive(rid, instruction) for rid in reply_ids]
                 except (LinkError, ConnectionError) as exc:
-                    raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
+                    raise _link_error(self.link.url, exc) from exc
                 except (DynamixelTimeout, CrcMismatch):
                     if attempt == self.retries:
                         raise
@@ -262,7 +268,7 @@ class DynamixelBus:
             try:
                 await self.link.connect()
             except (LinkError, ConnectionError) as exc:
-                raise DynamixelLinkError(f"{self.link.url}: {exc}") from exc
+                raise _link_error(self.link.url, exc) from exc
 
 
 @dataclass(frozen=True)

@@ -142,9 +142,10 @@ async def test_unplugged_bus_is_a_link_error() -> None:
     faults = Faults()
     async with rig(faults=faults) as (_sim, bus):
         faults.disconnect()
-        with pytest.raises(DynamixelLinkError):
+        with pytest.raises(DynamixelLinkError) as caught:
             for _ in range(50):
                 await bus.ping(1)
+        assert str(caught.value).count(bus.link.url) == 1  # named once
 
 
 async def test_overload_latches_until_reboot() -> None:
