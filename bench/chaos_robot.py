@@ -356,8 +356,9 @@ class RobotPart:
         (self.work / "state").mkdir(parents=True, exist_ok=True)
         self.sims = {
             "bus": Sim("dynamixel", ("--motion-log", str(self.motion_log),
-                                     "--motion-log-every", "0.25")),
-            "force": Sim("force", ("--force", "2.0")),
+                                     "--motion-log-every", "0.25"),
+                       log=self.work / "sim-dynamixel.log"),
+            "force": Sim("force", ("--force", "2.0"), log=self.work / "sim-force.log"),
         }
         for sim in self.sims.values():
             sim.start()
