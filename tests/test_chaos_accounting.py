@@ -7,12 +7,16 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from bench.chaos import OutboxSnapshot, colliding_streams, interleave, tally
+from bench.chaos import OutboxSnapshot, colliding_streams, interleave, read_outbox, tally
 from bench.parts import Hospital
 from bench.soak import slope_per_hour
+from medge.outbox import Outbox
+from medge.settings import OutboxSection
+from medge.topics import Topics
 
 TOPIC = "medge/v1/site/node/{device}/{kind}"
 
@@ -44,6 +48,22 @@ def test_tally_ignores_seqs_numbered_after_the_snapshot() -> None:
     outbox = OutboxSnapshot(last_seq={"a/obs": 2}, queued={}, dead=0)
     result = tally(outbox, {"a/obs": {1, 2, 3}}, [])
     assert (result.produced, result.delivered, result.lost) == (2, 2, 0)
+
+
+async def test_a_real_outbox_reads_as_numbered_and_still_queued(tmp_path: Path) -> None:
+    """The rig reads the daemons' outbox files with its own SQL: keep it true to the schema."""
+    path = tmp_path / "gateway-outbox.sqlite3"
+    async with Outbox(path, OutboxSection(), Topics("site", "node")) as outbox:
+        records = [await outbox.append("spo2", "obs", {"n": n}) for n in range(3)]
+        await outbox.append("spo2", "alert", {"alert": "low"})
+        await outbox.ack([records[0].id, records[2].id])  # the broker acknowledged these
+
+        snapshot = read_outbox(path)
+
+    assert snapshot == OutboxSnapshot(last_seq={"spo2/obs": 3, "spo2/alert": 1},
+                                      queued={"spo2/obs": {2}, "spo2/alert": {1}}, dead=0)
+    result = tally(snapshot, {"spo2/obs": {1}}, [])
+    assert result.missing == {"spo2/obs": [3]}  # acknowledged, never seen by the hospital
 
 
 def test_streams_numbered_by_two_outboxes_are_reported() -> None:
