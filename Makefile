@@ -46,6 +46,8 @@ audit: setup
 	$(PY) scripts/audit.py $(PY)
 
 # Reliability campaign (docs/reliability.md); opt-in, none of these are part of `make test`.
+# Smoke runs: CHAOS_ARGS="--parts gateway --outage 5 --pacs-outage 5 --settle 3",
+# SOAK_ARGS="--minutes 5"; both default to every part (gateway, scanner, robot).
 .PHONY: fuzz chaos soak
 FUZZ_SECONDS ?= 60
 
