@@ -43,6 +43,7 @@ more, and a chaos rate far above the scanner's throughput would only grow the qu
 TERMINAL = ("done", "failed", "cancelled")
 DESTINATIONS = ("orthanc-dimse", "orthanc-stow")
 REQUEST_TIMEOUT_S = 10.0
+POLL_TIMEOUT_S = 3.0
 TIME_SCALE = 20.0
 """Stage motion this many times faster than real time (the GRBL simulator's)."""
 
@@ -193,8 +194,8 @@ slide = "test"
 
     async def _refresh(self) -> bool:
         """Update every known job from the daemon's list; False if it did not answer."""
-        try:
-            reply = await self._request("list")
+        try:  # a short timeout: a request lost in a broker restart is soon asked again
+            reply = await self._request("list", timeout=POLL_TIMEOUT_S)
         except CliError:
             return False
         for summary in reply["jobs"]:
