@@ -17,6 +17,9 @@ FFmpeg backend; its resolution and frame rate are the server's, so they are chec
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,12 +99,23 @@ class _NetworkStream(UvcCamera):
                 f"{settings.resolution[0]}x{settings.resolution[1]}")
 
 
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value (Linux schedules threads, so only this one): the
+    grabber's and the encoder's threads then yield the CPU to a control loop in the same
+    process. No privilege is needed to lower a priority; where it is refused, nothing changes."""
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+
+
 class FrameGrabber:
     """``async with FrameGrabber(...)``; ``capture()`` returns the cropped grayscale image."""
 
     def __init__(self, device: str | int, *, resolution: tuple[int, int] = (1920, 1080),
                  crop: Crop | None = None, frame_rate_hz: float = 30.0,
-                 frame_timeout_s: float = 1.0, dev_root: str = "/dev") -> None:
+                 frame_timeout_s: float = 1.0, dev_root: str = "/dev",
+                 thread_nice: int = 0) -> None:
         if not 0 < frame_rate_hz <= MAX_FRAME_RATE_HZ:
             raise CameraSettingError(
                 f"frame_rate_hz: {frame_rate_hz} is outside (0, {MAX_FRAME_RATE_HZ}]")
@@ -109,6 +123,8 @@ class FrameGrabber:
         self.crop = crop or Crop(0, 0, *resolution)
         self.crop.check_inside(resolution)
         self.frame_rate_hz = frame_rate_hz
+        self.thread_nice = thread_nice
+        """Added to the nice value of the thread that reads and converts the frames."""
         self.camera: UvcCamera = (
             _NetworkStream(device, settings) if isinstance(device, str)
             and device.startswith(STREAM_SCHEMES)
@@ -123,6 +139,8 @@ class FrameGrabber:
 
     async def open(self) -> None:
         await self.camera.open()
+        if self.thread_nice:
+            await self.camera._in_worker(lower_thread_priority, self.thread_nice)
 
     async def close(self) -> None:
         await self.camera.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +37,7 @@ from daemons.manipulator.ultrasound import (
     parse_live,
 )
 from drivers.camera import CameraNotFound, CameraSettingError
-from drivers.frame_grabber import Crop, FrameGrabber
+from drivers.frame_grabber import Crop, FrameGrabber, lower_thread_priority
 from firmware_sim.link import Endpoint, SimulatorServer
 from firmware_sim.ultrasound import (
     ImageGeometry,
@@ -163,6 +165,21 @@ async def test_grabber_refusing_the_frame_rate_is_named(tmp_path: Path) -> None:
     with pytest.raises(CameraSettingError, match="frame_rate_hz.*60"):
         await grabber.open()
     assert not grabber.camera.is_open
+
+
+def test_lower_thread_priority_renices_only_the_calling_thread() -> None:
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+    seen: list[int] = []
+
+    def worker() -> None:
+        lower_thread_priority(5)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, before + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, me) == before
 
 
 # --- pose track --------------------------------------------------------------------------
@@ -435,10 +452,17 @@ async def test_a_stream_that_ends_is_reopened(tmp_path: Path) -> None:
         url = server.address.replace("socket://", "http://") + STREAM_PATH
         with pytest.raises(CameraSettingError, match="resolution: the stream .* is 200x150"):
             await FrameGrabber(url, resolution=(320, 240)).open()
-        grabber = FrameGrabber(url, resolution=(200, 150))
+        # one reader at a time, like a capture device: wait until the server has let go of
+        # that reader (an open at once may be refused; the daemon waits 1 s before reopening)
+        await wait_for(lambda: server._active is None or server._active.done())
+        grabber = FrameGrabber(url, resolution=(200, 150), thread_nice=5)
         svc = UltrasoundService(UltrasoundSection(live_rate_hz=0.0), grabber, PoseTrack(),
                                 output_dir=tmp_path)
         await grabber.open()
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        reader_nice = await grabber.camera._in_worker(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert reader_nice == min(19, base + 5)  # the reading thread yields to the loop
         capture = asyncio.create_task(svc.run())
         try:
             await wait_for(lambda: svc.frames >= 5, 20)

@@ -45,6 +45,7 @@ from daemons.manipulator.registration import RegistrationError
 from daemons.manipulator.supervisor import CycleOutput
 from daemons.manipulator.sweeps import Surface, SweepError, SweepRun, SweepSpec
 from drivers.dynamixel import ServoState
+from drivers.frame_grabber import lower_thread_priority
 from medge.config import bounds
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 POSE_HISTORY = 1000
 """Control cycles kept for interpolation (10 s at 100 Hz)."""
 LIVE_VERSION = 1
+CAPTURE_THREAD_NICE = 10
+"""The grabber's and the encoder's threads run this much nicer than the daemon, so that on a
+busy box the control loop's thread gets the CPU first (a late frame is dropped and counted; a
+late control cycle can trip the servos' watchdog)."""
 
 
 class FrameSource(Protocol):
@@ -206,7 +211,9 @@ class UltrasoundService:
         self.sweep: SweepRun | None = None
         self.latest: StampedFrame | None = None
         self._frame_event = asyncio.Event()
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="us-encode")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="us-encode",
+                                           initializer=lower_thread_priority,
+                                           initargs=(CAPTURE_THREAD_NICE,))
         self._last_capture: float | None = None
         self._next_live = 0.0
         self._counter = 0
@@ -454,7 +461,8 @@ def make_source(section: UltrasoundSection, track: PoseTrack) -> FrameSource:
         from drivers.frame_grabber import Crop, FrameGrabber
         return FrameGrabber(section.source, resolution=section.resolution,
                             crop=Crop(*section.crop) if section.crop else None,
-                            frame_rate_hz=section.frame_rate_hz)
+                            frame_rate_hz=section.frame_rate_hz,
+                            thread_nice=CAPTURE_THREAD_NICE)
     from firmware_sim.ultrasound import ImageGeometry, ProbeState, SimulatedUltrasound
 
     def probe() -> ProbeState:
