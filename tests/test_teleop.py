@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from structlog.testing import capture_logs
 
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.supervisor import SupervisorConfig
@@ -264,6 +266,31 @@ async def test_frozen_daemon_is_stopped_by_the_servo_bus_watchdog(
         await wait_for(lambda: r.sim.clock() > resumed_at + 0.3)
         assert not r.moved_after(tripped_at)  # stopped by the servos, not by the daemon
         await alice.stop_stream()
+
+
+async def test_a_hung_control_loop_is_reported_with_where_it_waits(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """The rest of the daemon keeps running (and publishing state) when the control loop hangs:
+    the watcher says so, once, with the await it hangs in; the servos' watchdog stops them."""
+    async with rig(broker.port, tmp_path) as r:
+        servos = r.daemon.control.servos
+        read_states = servos.read_states
+        forever = asyncio.Event()
+
+        async def hung() -> list[Any]:
+            await forever.wait()  # a bus transaction that never returns
+            return await read_states()
+
+        with capture_logs() as logs:
+            servos.read_states = hung  # type: ignore[method-assign]
+            await wait_for(lambda: any(e["event"] == "control loop stalled" for e in logs))
+            await wait_for(lambda: len(r.sim.watchdog_trips) == 5)
+            servos.read_states = read_states  # type: ignore[method-assign]
+            forever.set()
+            await wait_for(lambda: any(e["event"] == "control loop cycling" for e in logs))
+        stalled = [e for e in logs if e["event"] == "control loop stalled"]
+        assert len(stalled) == 1 and stalled[0]["stalled_s"] >= 0.5
+        assert any(" hung" in frame for frame in stalled[0]["stack"])
 
 
 async def test_graceful_stop_decelerates_then_switches_torque_off(

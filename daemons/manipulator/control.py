@@ -85,6 +85,8 @@ class ControlLoop:
         self.clock = clock
         self.listeners: list[CycleListener] = []
         self.last_output: CycleOutput | None = None
+        self.last_cycle_at: float | None = None
+        """``clock()`` at the end of the last cycle: the daemon watches it for a stalled loop."""
         self.last_states: list[ServoState] = []
         self._supervisor: Supervisor | None = None
         self._lateness: collections.deque[float] = collections.deque(maxlen=60_000)
@@ -137,7 +139,8 @@ class ControlLoop:
         else:
             if read_ok:  # a write alone (no reply) does not show the servos answer again
                 self._bus_log.set("ok")
-        self._cycle_times.append(self.clock() - started)
+        self.last_cycle_at = self.clock()
+        self._cycle_times.append(self.last_cycle_at - started)
         self.last_output = output
         for listener in self.listeners:
             listener(output, self.last_states)

@@ -55,6 +55,7 @@ from drivers.dynamixel_protocol import DynamixelError
 from drivers.force_sensor import ForceSensor
 from drivers.serial_link import SerialLink, SerialSettings
 from medge.config import bounds
+from medge.log import StateLog
 from medge.mqtt import LinkDown, PublishRefused
 from medge.runtime import Runtime
 from medge.service import Service
@@ -69,6 +70,8 @@ SETTLED_RATE = 1e-3
 measured pose, so arriving near the target is enough)."""
 READ_ONLY_COMMANDS = frozenset({proto.Command.CHECK_REGISTRATION, proto.Command.SURFACE})
 FOLLOWING_TIMEOUT_S = 1.0
+CONTROL_STALL_S = 0.5
+"""A control loop without a cycle for this long is reported stalled (with where it waits)."""
 LOOP_STATS_PERIOD_S = 10.0
 REGISTRATION_COMMANDS = frozenset({proto.Command.REGISTER, proto.Command.CHECK_REGISTRATION,
                                    proto.Command.SURFACE})
@@ -210,6 +213,7 @@ class ManipulatorDaemon:
         self.loop = loop
         loop.listeners.append(self._on_cycle)
         self._spawn(loop.run(), "control-loop")
+        self._spawn(self._watch_control_loop(self._tasks[-1]), "control-loop-watch")
         if self.camera is None:  # measured angles: a stand-in camera for demo runs only
             self.camera = camera_from_config(
                 section.registration, lambda: [s.position_rad for s in loop.last_states])
@@ -232,10 +236,15 @@ class ManipulatorDaemon:
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
-        if task in self._tasks and not task.cancelled():
-            self._tasks.remove(task)
-            if task.exception() is not None:
-                log.error("task failed", task=task.get_name(), error=repr(task.exception()))
+        if task not in self._tasks:
+            return
+        if task.cancelled():
+            if not self._stopped:  # only stop() cancels them: anything else is a silent death
+                log.error("task cancelled", task=task.get_name())
+            return
+        self._tasks.remove(task)
+        if task.exception() is not None:
+            log.error("task failed", task=task.get_name(), error=repr(task.exception()))
 
     async def stop(self) -> None:
         """Controlled stop (disarm, decelerate to rest), then torque off and close the ports."""
@@ -566,6 +575,22 @@ class ManipulatorDaemon:
                                 "jitter_p99_ms": round(stats.jitter_p99_s * 1000, 3),
                                 "cycle_p99_ms": round(stats.cycle_p99_s * 1000, 3)}
 
+    async def _watch_control_loop(self, task: asyncio.Task[Any]) -> None:
+        """A control loop that stops cycling leaves the servos to their bus watchdog and the
+        state topic repeating its last cycle: say where it hangs, once per stall."""
+        loop = self.control
+        limit = max(CONTROL_STALL_S, 10 * loop.config.period_s)
+        stalled = StateLog(log, "control loop")
+        while True:
+            await asyncio.sleep(limit / 4)
+            last = loop.last_cycle_at
+            age = 0.0 if last is None else self.clock() - last
+            if age > limit:
+                stalled.set("stalled", level="error", stalled_s=round(age, 3),
+                            done=task.done(), stack=_awaiting(task))
+            else:
+                stalled.set("cycling")
+
     async def _watch_estop_input(self, path: Path) -> None:
         """Latch on the input's edge; while it stays active, reset is refused."""
         while True:
@@ -576,6 +601,18 @@ class ManipulatorDaemon:
                 log.warning("local E-stop input active", input=str(path))
             self._estop_input_active = pressed
             await asyncio.sleep(self.section.estop_poll_s)
+
+
+def _awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits: its chain of awaits (``Task.get_stack`` gives only the outer frame
+    of a suspended coroutine)."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and getattr(awaited, "cr_frame", None) is not None:
+        frame = awaited.cr_frame
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = awaited.cr_await
+    return frames
 
 
 def _scaled(vector: tuple[float, float, float], scale: float) -> tuple[float, float, float]:
