@@ -60,6 +60,8 @@ PAUSE_S = 6.0
 """Realistic pause between moves (divided by ``shared.rate``)."""
 RELEASE_S = 0.2
 """Dead-man released (disabled setpoints) before the stream stops."""
+DAEMON_ALARMS = frozenset({"control loop stalled", "task failed", "task cancelled"})
+"""Events of the manipulator's log that say the daemon itself went wrong."""
 MOVING_WAIT_S = 30.0
 """How long a fault waits for the robot to be moving before it is injected anyway."""
 
@@ -710,6 +712,7 @@ class RobotPart:
                   f"setpoints in {len(runs)} runs"),
         ]
         checks += [self._check_stop(stop, motion) for stop in self.stops]
+        checks.append(self._check_daemon_log())
         tally = self.tally
         checks.append(Check(
             self.name, "operator workload", tally.moves > 0,
@@ -718,6 +721,20 @@ class RobotPart:
             f"{tally.daemon_restarts} unexpected daemon exits; {motion.segments} simulator "
             f"runs"))
         return checks
+
+    def _check_daemon_log(self) -> Check:
+        """The daemon's own alarms about itself: a stalled control loop, a task that died."""
+        alarms: Counter[str] = Counter()
+        first: dict[str, object] = {}
+        for line in _lines(self.work / "manipulator.log"):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") in DAEMON_ALARMS:
+                    alarms[record["event"]] += 1
+                    first.setdefault("first", {k: record.get(k) for k in
+                                               ("event", "task", "error", "stack", "timestamp")})
+        return Check(self.name, "control loop never stalled, no daemon task died", not alarms,
+                     f"{dict(alarms)}; {first.get('first')}" if alarms else "none")
 
     def _check_stop(self, stop: FaultStop, motion: Motion) -> Check:
         name = f"stopped after {stop.kind}"

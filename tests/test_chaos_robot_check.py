@@ -10,6 +10,7 @@ import pytest
 
 from bench.chaos_robot import (
     Motion,
+    RobotPart,
     SetpointLog,
     SetpointRun,
     judge,
@@ -138,3 +139,17 @@ def test_pauses_between_control_cycles_join_into_one_motion_but_not_across_resta
                                             (11.11, 11.2)]
     assert read_motion(lines, join_s=0.02).intervals == [(10.0, 10.5), (11.0, 11.1),
                                                          (11.11, 11.2)]
+
+
+def test_the_daemons_alarms_about_itself_fail_the_check(tmp_path: Path) -> None:
+    part = RobotPart()
+    part.work = tmp_path
+    log = tmp_path / "manipulator.log"
+    log.write_text(json.dumps({"event": "servo bus failed", "error": "timeout"}) + "\n"
+                   "a line that is not JSON\n")
+    assert part._check_daemon_log().ok
+    with log.open("a") as out:
+        out.write(json.dumps({"event": "control loop stalled", "stack": ["control.py:180 run"],
+                              "timestamp": "t"}) + "\n")
+    check = part._check_daemon_log()
+    assert not check.ok and "control loop stalled" in check.detail and "control.py" in check.detail
