@@ -45,7 +45,7 @@ from daemons.manipulator.registration import RegistrationError
 from daemons.manipulator.supervisor import CycleOutput
 from daemons.manipulator.sweeps import Surface, SweepError, SweepRun, SweepSpec
 from drivers.dynamixel import ServoState
-from drivers.frame_grabber import lower_thread_priority
+from drivers.frame_grabber import Crop, FrameGrabber, lower_thread_priority
 from medge.config import bounds
 
 if TYPE_CHECKING:
@@ -458,7 +458,6 @@ US_COMMANDS = frozenset({"list", "record_start", "record_stop", "sweep_start", "
 def make_source(section: UltrasoundSection, track: PoseTrack) -> FrameSource:
     """The grabber, or the phantom seen from the daemon's own measured probe pose and force."""
     if section.source != "simulated":
-        from drivers.frame_grabber import Crop, FrameGrabber
         return FrameGrabber(section.source, resolution=section.resolution,
                             crop=Crop(*section.crop) if section.crop else None,
                             frame_rate_hz=section.frame_rate_hz,
