@@ -16,9 +16,10 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -34,6 +35,7 @@ DAEMON = "microscope"
 DEFAULT_CONFIG = os.environ.get("MEDGE_MICROSCOPE_CONFIG", "/etc/medge/microscope.toml")
 FINISHED = ("done", "failed", "cancelled")
 BAR_WIDTH = 30
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ScannerClient:
         self.states: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._lost: CliError | None = None
+        """Set when the broker connection is lost: every later call fails with it."""
 
     async def __aenter__(self) -> ScannerClient:
         mqtt = self.cfg.mqtt
@@ -96,22 +100,56 @@ class ScannerClient:
                 await self._client.__aexit__(None, None, None)
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            try:
-                body = json.loads(bytes(message.payload))
-            except (TypeError, ValueError):
-                continue
-            if message.topic.matches(self.state_topic):
-                await self.states.put(body)
-                continue
-            correlation = getattr(message.properties, "CorrelationData", None)
-            future = self._pending.get(bytes(correlation)) if correlation else None
-            if future is not None and not future.done() and isinstance(body, dict):
-                future.set_result(body)
+        """Route replies and states; a lost broker connection ends it, which ends whatever
+        waits (:meth:`_while_connected`): a request in flight at once, not at its timeout, and
+        ``next_state`` instead of hanging."""
+        try:
+            async for message in client.messages:
+                try:
+                    body = json.loads(bytes(message.payload))
+                except (TypeError, ValueError):
+                    continue
+                if message.topic.matches(self.state_topic):
+                    await self.states.put(body)
+                    continue
+                correlation = getattr(message.properties, "CorrelationData", None)
+                future = self._pending.get(bytes(correlation)) if correlation else None
+                if future is not None and not future.done() and isinstance(body, dict):
+                    future.set_result(body)
+        except aiomqtt.MqttError as exc:
+            self._lost = self._broker_lost(exc)
+
+    def _broker_lost(self, error: Exception) -> CliError:
+        mqtt = self.cfg.mqtt
+        return CliError(f"lost the connection to the MQTT broker at {mqtt.host}:{mqtt.port} "
+                        f"({error}); the daemon carries on with its jobs: see `medge scan "
+                        "status` once the broker is back", EXIT_UNAVAILABLE)
+
+    async def next_state(self) -> dict[str, Any]:
+        """The next state message (after :meth:`follow`); CliError if the broker connection is
+        lost meanwhile."""
+        return await self._while_connected(self.states.get())
+
+    async def _while_connected(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``'s result, or the broker-lost CliError as soon as the reader ends."""
+        assert self._reader is not None
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({task, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+        if not task.cancelled():
+            return task.result()
+        raise self._lost or self._broker_lost(RuntimeError("the reader stopped"))
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """The daemon's reply; CliError when it refuses, or does not answer in time."""
         assert self._client is not None
+        if self._lost is not None:
+            raise self._lost
         correlation = str(next(self._ids)).encode()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
@@ -120,10 +158,14 @@ class ScannerClient:
         properties.CorrelationData = correlation
         properties.MessageExpiryInterval = max(1, round(self.timeout))
         try:
-            await self._client.publish(self.request_topic, json.dumps({"op": op, **args}),
-                                       qos=1, properties=properties)
             async with asyncio.timeout(self.timeout):
-                reply = await future
+                # a QoS 1 publish waits for its PUBACK, which a lost connection never brings
+                await self._while_connected(self._client.publish(
+                    self.request_topic, json.dumps({"op": op, **args}), qos=1,
+                    properties=properties))
+                reply = await self._while_connected(future)
+        except aiomqtt.MqttError as exc:  # the publish, on a connection already lost
+            raise self._broker_lost(exc) from None
         except TimeoutError:
             raise CliError(
                 f"the microscope daemon on {self.topics.node} did not answer within "
@@ -220,7 +262,7 @@ async def _watch(client: ScannerClient, job_id: str, view: ProgressView,
     view.show(current)
     async with asyncio.timeout(timeout):
         while current.get("status") not in FINISHED:
-            state = await client.states.get()
+            state = await client.next_state()
             if state.get("job") == job_id and state.get("at", 0) >= current.get("at", 0):
                 current = state
                 view.show(current)

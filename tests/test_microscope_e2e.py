@@ -22,9 +22,10 @@ from bench.parts import DaemonProcess, Sim
 from medge import cli
 from medge.config import load
 from medge.localpacs import Orthanc
-from medge.scancli import ScannerClient, ScannerNodeConfig
+from medge.scancli import CliError, ScannerClient, ScannerNodeConfig
 from tests.fixtures.broker import Mosquitto
 from tests.fixtures.orthanc import require_orthanc
+from tests.helpers import daemon_config
 
 OBJECTIVES = Path(__file__).parents[1] / "config" / "objectives.toml"
 AREA = "0.8,0.8,1.2,1.1"
@@ -208,6 +209,24 @@ def test_invalid_jobs_and_a_missing_daemon_get_one_clear_sentence(
     scanner.stop()
     status, _, err = scanner.cli(capsys, "scan", "list", "--timeout", "1")
     assert status == 3 and "is it running" in err and "medge run microscope" in err
+
+
+async def test_a_lost_broker_ends_a_request_and_a_follow_with_one_clear_sentence(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """Seen in bench/chaos (broker restarts under the scanner part's job client): a request
+    then raised a raw MqttCodeError and `scan start --wait` / `status --follow` waited for a
+    state forever."""
+    async with ScannerClient(daemon_config(tmp_path, broker.port), timeout=60.0) as client:
+        await client.follow()
+        following = asyncio.create_task(client.next_state())
+        # no daemon answers; on the wire or not yet when the broker goes, the answer is the same
+        in_flight = asyncio.create_task(client.request("list"))
+        broker.stop()
+        for waiting in (following, in_flight):
+            with pytest.raises(CliError, match="lost the connection to the MQTT broker"):
+                await asyncio.wait_for(waiting, 10)  # not the 60 s request timeout
+        with pytest.raises(CliError, match="medge scan status"):
+            await client.request("list")
 
 
 def test_cancel_mid_scan_keeps_the_tiles(scanners: Callable[..., Scanner],
