@@ -313,6 +313,10 @@ class GrblStage(Stage):
         except LinkError as exc:
             self._link_lost(StageDisconnected(str(exc)))
             self._notify()
+        except Exception as exc:  # dying quietly would leave a link nobody reads, and the
+            self._log.exception("grbl_reader_failed")  # teardown would re-raise it
+            self._link_lost(StageDisconnected(f"{self.url}: reader failed: {exc!r}"))
+            self._notify()
 
     def _notify(self) -> None:
         """Wake every waiter; each re-checks its own condition."""

@@ -459,6 +459,27 @@ async def test_stalled_replies_time_out_then_the_driver_recovers() -> None:
         assert stage.position_um.y == -1000.0
 
 
+async def test_a_reader_failing_unexpectedly_drops_the_link_and_reconnects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chaos found a reader killed by an exception it did not expect (a connection reset): the
+    link then went unread and the reconnection died re-raising it; the stage never came back."""
+    async with rig() as (stage, _machine, _):
+        await stage.home()
+        dispatch = stage._dispatch
+
+        def fail_once(line: str) -> None:
+            monkeypatch.setattr(stage, "_dispatch", dispatch)
+            raise RuntimeError("unforeseen")
+
+        monkeypatch.setattr(stage, "_dispatch", fail_once)
+        await eventually(lambda: stage.connection_losses == 1)
+        await stage.wait_connected(timeout=10)
+        assert stage.position_lost
+        await stage.home()
+        await stage.move_to(x=-1000)
+        assert stage.position_um.x == -1000.0
+
+
 async def test_hung_link_times_out() -> None:
     async with rig() as (stage, _machine, faults):
         faults.stall()
