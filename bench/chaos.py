@@ -335,6 +335,26 @@ async def stop_loads(loads: Mapping[str, asyncio.Task[None]]) -> list[Check]:
     return checks
 
 
+async def wind_down(rig: Rig, loads: Mapping[str, asyncio.Task[None]], settle_timeout: float,
+                    drain_timeout: float) -> tuple[dict[str, Tally], list[Check]]:
+    """The end of a run: workloads stopped and brought to rest, every outbox drained, the loss
+    accounting, every part's own checks (one that raises is a failed check, not a lost
+    report)."""
+    checks = await stop_loads(loads)
+    for part in rig.parts:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(part.settle(settle_timeout), settle_timeout + 5)
+    checks += [await drain(part, drain_timeout) for part in rig.parts]
+    tallies, distinct = await account(rig)
+    checks.append(distinct)
+    for part in rig.parts:
+        try:
+            checks += await part.check()
+        except Exception as exc:  # the other parts' checks and the report still count
+            checks.append(Check(part.name, "its checks ran", False, repr(exc)))
+    return tallies, checks
+
+
 # --- the campaign ------------------------------------------------------------------------------
 
 async def campaign(args: argparse.Namespace) -> bool:
@@ -342,7 +362,6 @@ async def campaign(args: argparse.Namespace) -> bool:
     work = Path(tempfile.mkdtemp(prefix="medge-chaos-"))
     print(f"chaos: parts {', '.join(args.parts)}; work dir {work}", flush=True)
     outcomes: list[Outcome] = []
-    checks: list[Check] = []
     async with Rig(work, args.rate, parts) as rig:
         loads = run_loads(rig.parts)
         await asyncio.sleep(args.settle)  # every part working before the first fault
@@ -350,15 +369,8 @@ async def campaign(args: argparse.Namespace) -> bool:
             for owner, kind, fault in schedule(rig):
                 outcomes.append(await inject(owner, kind, fault, args))
                 await asyncio.sleep(args.settle)
-        checks += await stop_loads(loads)
-        for part in rig.parts:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(part.settle(args.settle_timeout), args.settle_timeout + 5)
-        checks += [await drain(part, args.recovery_timeout) for part in rig.parts]
-        tallies, distinct = await account(rig)
-        for part in rig.parts:
-            checks += await part.check()
-        checks.append(distinct)
+        tallies, checks = await wind_down(rig, loads, args.settle_timeout,
+                                          args.recovery_timeout)
     leftovers = child_pids()
     return report(outcomes, tallies, checks, leftovers)
 

@@ -27,16 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.chaos import (
-    Rig,
-    Tally,
-    account,
-    child_pids,
-    drain,
-    parts_arg,
-    run_loads,
-    stop_loads,
-)
+from bench.chaos import Rig, Tally, child_pids, parts_arg, run_loads, wind_down
 from bench.gateway import cpu_seconds, rss_mib
 from bench.parts import Check, Hospital, Part, available_parts, make_part
 
@@ -136,23 +127,13 @@ async def soak(args: argparse.Namespace) -> bool:
     work = Path(tempfile.mkdtemp(prefix="medge-soak-"))
     print(f"soak: parts {', '.join(args.parts)} at {args.rate}x for {args.minutes} min; "
           f"work dir {work}", flush=True)
-    checks: list[Check] = []
     async with Rig(work, args.rate, parts) as rig:
         loads = run_loads(rig.parts)
         sampler = Sampler(rig.parts, rig.hospital)
         await sampler.run(args.minutes * 60, args.sample)
-        checks += await stop_loads(loads)
-        for part in rig.parts:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(part.settle(args.settle_timeout), args.settle_timeout + 5)
-        checks += [await drain(part, 120) for part in rig.parts]
-        tallies, distinct = await account(rig)
-        checks.append(distinct)
-        for part in rig.parts:
-            checks += await part.check()
-            pids = sampler.pids[part.name]
-            checks.append(Check(part.name, "daemon never restarted during the soak",
-                                len(pids) <= 1, f"pids {sorted(pids)}"))
+        tallies, checks = await wind_down(rig, loads, args.settle_timeout, 120)
+        checks += [Check(name, "daemon never restarted during the soak", len(pids) <= 1,
+                         f"pids {sorted(pids)}") for name, pids in sampler.pids.items()]
     leftovers = child_pids()
     return report(args, sampler.samples, tallies, checks, leftovers)
 
