@@ -245,6 +245,7 @@ class CuttableLink:
         self.cuts = 0
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._relays: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> CuttableLink:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -252,9 +253,11 @@ class CuttableLink:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.cut()
         if self._server is not None:
             self._server.close()
+        self.cut()
+        await asyncio.gather(*self._relays, return_exceptions=True)  # ended by the cut
+        if self._server is not None:
             await self._server.wait_closed()
 
     def cut(self) -> None:
@@ -265,10 +268,14 @@ class CuttableLink:
         self._pairs.clear()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        self._relays.add(relay)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.transport.abort()
+            self._relays.discard(relay)
             return
         pair = (writer, up_writer)
         self._pairs.add(pair)
@@ -276,6 +283,7 @@ class CuttableLink:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
         finally:
             self._pairs.discard(pair)
+            self._relays.discard(relay)
             for side in pair:
                 side.transport.abort()
 

@@ -1,14 +1,17 @@
-"""bench/chaos_robot's checker on constructed logs: the robot may move only within a fresh enabled
-setpoint's window; a motion outside it must be caught and measured."""
+"""bench/chaos_robot's checker on constructed logs (the robot may move only within a fresh enabled
+setpoint's window; a motion outside it must be caught and measured) and its pieces."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
 from bench.chaos_robot import (
+    CuttableLink,
     Motion,
     RobotPart,
     SetpointLog,
@@ -153,3 +156,24 @@ def test_the_daemons_alarms_about_itself_fail_the_check(tmp_path: Path) -> None:
                               "timestamp": "t"}) + "\n")
     check = part._check_daemon_log()
     assert not check.ok and "control loop stalled" in check.detail and "control.py" in check.detail
+
+
+async def test_the_operators_relay_passes_bytes_until_cut() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async with server, CuttableLink(server.sockets[0].getsockname()[1]) as link:
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        link.cut()  # no goodbye: the client sees its connection end
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(100), 5) == b""
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)  # reconnects
+        writer.write(b"pong")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"pong"
+        writer.close()
