@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+
 from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim
 from medge.config import load
+from medge.exitcodes import EXIT_UNAVAILABLE
 from medge.scancli import CliError, ScannerClient, ScannerNodeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,10 +190,14 @@ slide = "test"
 
     async def _request(self, op: str, timeout: float = REQUEST_TIMEOUT_S,
                        **args: Any) -> dict[str, Any]:
-        """One request through the ``medge scan`` client; CliError when unanswered/refused."""
+        """One request through the ``medge scan`` client; CliError when unanswered/refused
+        (also when the broker goes away mid-request)."""
         cfg = load(self.config, ScannerNodeConfig)
-        async with ScannerClient(cfg, timeout=timeout) as client:
-            return await client.request(op, **args)
+        try:
+            async with ScannerClient(cfg, timeout=timeout) as client:
+                return await client.request(op, **args)
+        except aiomqtt.MqttError as exc:
+            raise CliError(f"broker lost during {op}: {exc}", EXIT_UNAVAILABLE) from None
 
     async def _refresh(self) -> bool:
         """Update every known job from the daemon's list; False if it did not answer."""
@@ -248,7 +255,11 @@ slide = "test"
         for job in self.jobs.values():
             if job.verified or job.summary.get("delivery") != "delivered":
                 continue
-            if self._pacs_problem(job) is None:
+            try:
+                problem = self._pacs_problem(job)
+            except OSError:  # the PACS is down (a fault): look again later
+                return
+            if problem is None:
                 job.verified = True
                 for name in ("tiles", "dicom", "work"):
                     shutil.rmtree(self._job_dir(job) / name, ignore_errors=True)
