@@ -285,6 +285,7 @@ async def test_a_hung_control_loop_is_reported_with_where_it_waits(
             servos.read_states = hung  # type: ignore[method-assign]
             await wait_for(lambda: any(e["event"] == "control loop stalled" for e in logs))
             await wait_for(lambda: len(r.sim.watchdog_trips) == 5)
+            assert r.daemon.state_document()["cycle_age_ms"] > 500  # the state says it is old
             servos.read_states = read_states  # type: ignore[method-assign]
             forever.set()
             await wait_for(lambda: any(e["event"] == "control loop cycling" for e in logs))

@@ -540,6 +540,8 @@ class ManipulatorDaemon:
             "force_n": None if status.force_n is None else round(status.force_n, 3),
             "command_age_ms": None if status.command_age_s is None
             else round(status.command_age_s * 1000, 2),
+            "cycle_age_ms": None if loop.last_cycle_at is None
+            else round((self.clock() - loop.last_cycle_at) * 1000, 1),
             "speed_scale": round(status.speed_scale, 3),
             "spin_ignored_rad_s": round(status.spin_ignored_rad_s, 4),
             "counters": {"dropped": status.dropped_setpoints,
