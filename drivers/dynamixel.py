@@ -13,6 +13,7 @@ import abc
 import asyncio
 import math
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -154,6 +155,8 @@ class DynamixelBus:
         self.retried = 0
         """Transactions repeated after a timeout or CRC error (for health telemetry)."""
         self._lock = asyncio.Lock()
+        self._last_sent_at: float | None = None
+        self._longest_silence = 0.0
 
     async def _receive(self, expected_id: int, instruction: Instruction) -> StatusPacket:
         """Read the next status packet from ``expected_id``, skipping noise before a header."""
@@ -186,6 +189,7 @@ class DynamixelBus:
         async with self._lock:
             for attempt in range(self.retries + 1):
                 self.link.discard_input()
+                self._note_sending()
                 try:
                     await self.link.write(packet)
                     replies = [await self._receive(rid, instruction) for rid in reply_ids]
@@ -205,6 +209,18 @@ class DynamixelBus:
                         raise ServoStatusError(reply.servo_id, instruction, reply.code)
                 return replies
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _note_sending(self) -> None:
+        now = time.monotonic()
+        if self._last_sent_at is not None:
+            self._longest_silence = max(self._longest_silence, now - self._last_sent_at)
+        self._last_sent_at = now
+
+    def take_longest_silence(self) -> float:
+        """The longest time between two packets sent since the last call (what the servos' Bus
+        Watchdog measures), and start over."""
+        silence, self._longest_silence = self._longest_silence, 0.0
+        return silence
 
     async def ping(self, servo_id: int) -> tuple[int, int]:
         """Return (model number, firmware version)."""
@@ -316,6 +332,11 @@ class JointServos(abc.ABC):
             raise ValueError(f"non-finite goal in {list(positions_rad)}")
         await self._do_write_goals(positions_rad)
 
+    def take_longest_silence(self) -> float:
+        """The longest the device watchdog went without hearing from us since the last call
+        (0 if the backend cannot tell)."""
+        return 0.0
+
     async def clear_faults(self) -> list[int]:
         """Clear latched hardware errors (a reboot on Dynamixel); return the ids that had one.
 
@@ -361,6 +382,9 @@ class DynamixelChain(JointServos):
     @property
     def joint_count(self) -> int:
         return len(self.servo_ids)
+
+    def take_longest_silence(self) -> float:
+        return self.bus.take_longest_silence()
 
     async def _sync_all(self, register: Register, value: int) -> None:
         await self.bus.sync_write(register, dict.fromkeys(self.servo_ids, value))

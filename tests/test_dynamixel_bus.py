@@ -184,6 +184,19 @@ async def test_bus_watchdog_stops_servo_when_host_goes_silent() -> None:
         await wait_for(lambda: abs(sim.servo(1).position) < 0.01)
 
 
+async def test_the_bus_measures_its_longest_silence_as_the_servos_watchdog_does() -> None:
+    async with rig() as (_sim, bus):
+        chain = DynamixelChain(bus, IDS)
+        await chain.read_states()
+        chain.take_longest_silence()
+        await chain.read_states()
+        assert chain.take_longest_silence() < 0.2
+        await asyncio.sleep(0.25)  # no packet meanwhile
+        await chain.read_states()
+        assert chain.take_longest_silence() >= 0.25
+        assert chain.take_longest_silence() == 0.0  # taken: starts over
+
+
 async def test_chain_refuses_bad_goals() -> None:
     async with rig() as (_sim, bus):
         chain = DynamixelChain(bus, IDS)

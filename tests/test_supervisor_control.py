@@ -12,6 +12,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -233,6 +234,29 @@ async def test_a_stalled_servo_bus_is_logged_failed_once_until_it_answers_again(
             await wait_for(lambda: any(e["event"] == "servo bus ok" for e in logs))
         events = [entry["event"] for entry in logs if entry["event"].startswith("servo bus")]
         assert events == ["servo bus failed", "servo bus ok"]
+
+
+async def test_a_freeze_while_a_cycle_awaits_the_bus_latches_estop() -> None:
+    """The process freezes between a cycle's read and its goal write: the next cycle starts on
+    time, yet the servos heard nothing for longer than their watchdog and have tripped."""
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        servos = m.loop.servos
+        read_states = servos.read_states
+        frozen = [False]
+
+        async def freezing() -> list[Any]:
+            states = await read_states()
+            if not frozen[0]:
+                frozen[0] = True
+                time.sleep(WATCHDOG_S * 1.5)  # the whole process stops, mid-cycle
+            return states
+
+        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][0] > 0.003)
+            servos.read_states = freezing  # type: ignore[method-assign]
+            await wait_for(lambda: Reason.ESTOP_SERVO_WATCHDOG in m.status_reasons())
+        assert m.sim.watchdog_trips, "the servos did trip"
 
 
 async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset() -> None:

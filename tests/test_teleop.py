@@ -292,6 +292,8 @@ async def test_a_hung_control_loop_is_reported_with_where_it_waits(
         stalled = [e for e in logs if e["event"] == "control loop stalled"]
         assert len(stalled) == 1 and stalled[0]["stalled_s"] >= 0.5
         assert any(" hung" in frame for frame in stalled[0]["stack"])
+        # the servos heard nothing during the hang: the first packet after it shows the gap
+        await wait_for(lambda: r.daemon.control.supervisor.state.value == "estop")
 
 
 async def test_graceful_stop_decelerates_then_switches_torque_off(

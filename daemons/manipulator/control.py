@@ -115,6 +115,7 @@ class ControlLoop:
         await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
         self._last_bus_traffic = self.clock()
+        self.servos.take_longest_silence()  # before the watchdog was armed: does not count
         self._supervisor = Supervisor(self.kinematics, self.measured_joints(), self.config,
                                       clock=self.clock)
 
@@ -131,6 +132,7 @@ class ControlLoop:
         else:
             self._last_bus_traffic = self.clock()
             read_ok = True
+        self._check_bus_silence()
         output = supervisor.step(self.force_source(), [s.hardware_error for s in self.last_states])
         try:
             await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
@@ -157,6 +159,16 @@ class ControlLoop:
             self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
         elif self._watchdog_log.state == "gap":
             self._watchdog_log.set("heard again")
+
+    def _check_bus_silence(self) -> None:
+        """The same, measured between the packets themselves: the whole process may freeze
+        while a cycle waits for its reply (the next cycle then starts on time, and the servos
+        have tripped all the same)."""
+        silent = self.servos.take_longest_silence()
+        if self.watchdog_s and silent > self.watchdog_s * 0.8:
+            self._watchdog_log.set("gap", level="error", silent_s=round(silent, 3),
+                                   watchdog_s=self.watchdog_s)
+            self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
 
     def _bus_failed(self, error: DynamixelError) -> None:
         """The bus is the robot's only brake we control: losing it latches the E-stop."""
@@ -234,6 +246,7 @@ class ControlLoop:
         await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
         self._last_bus_traffic = self.clock()
+        self.servos.take_longest_silence()  # enable cleared a trip: earlier silence is moot
         faults = [s.hardware_error for s in self.last_states]
         decision = self.supervisor.reset(self.measured_joints(), faults)
         log.info("reset", granted=decision.granted, reason=decision.reason.value)
