@@ -62,6 +62,11 @@ RELEASE_S = 0.2
 """Dead-man released (disabled setpoints) before the stream stops."""
 DAEMON_ALARMS = frozenset({"control loop stalled", "task failed", "task cancelled"})
 """Events of the manipulator's log that say the daemon itself went wrong."""
+MOVE_MIN_S = 1.0
+"""Enabled runs at least this long count as moves the robot had to answer."""
+DEAD_STRETCH_S = 20.0
+"""Moves in a row without motion for longer than this: the robot is dead to its operator
+(a daemon reporting "armed" over servos that stopped listening), not a fault's aftermath."""
 MOVING_WAIT_S = 30.0
 """How long a fault waits for the robot to be moving before it is injected anyway."""
 
@@ -222,6 +227,26 @@ def judge(motion: Motion, runs: Iterable[SetpointRun], allowed_s: float,
         if excess > worst:
             worst, worst_at = excess, interval[0]
     return Verdict(len(motion.intervals), violations, worst, worst_at)
+
+
+def unanswered(motion: Motion, runs: Iterable[SetpointRun], min_run_s: float,
+               allowed_s: float) -> tuple[int, float]:
+    """Moves the robot did not make: enabled runs of at least ``min_run_s`` with no motion in
+    [first, last + allowed]; returns their count and the longest stretch of them back to back
+    (first send of the first to last send of the last), the robot dead to its operator."""
+    count, longest = 0, 0.0
+    stretch: float | None = None
+    for run in sorted((r for r in runs if r.enable and r.last - r.first >= min_run_s),
+                      key=lambda r: r.first):
+        moved = any(start <= run.last + allowed_s and end >= run.first
+                    for start, end in motion.intervals)
+        if moved:
+            stretch = None
+            continue
+        count += 1
+        stretch = run.first if stretch is None else stretch
+        longest = max(longest, run.last - stretch)
+    return count, longest
 
 
 def stop_delay(motion: Motion, at: float) -> float | None:
@@ -719,6 +744,13 @@ class RobotPart:
                   f"{verdict.worst_excess_s * 1000:.1f} ms; {sum(r.count for r in runs)} "
                   f"setpoints in {len(runs)} runs"),
         ]
+        dead, longest = unanswered(motion, runs, MOVE_MIN_S, self.allowed_s)
+        checks.append(Check(
+            self.name, "robot answered its operator (no long stretch of moves without motion)",
+            longest <= DEAD_STRETCH_S,
+            f"{dead} of {sum(1 for r in runs if r.enable and r.last - r.first >= MOVE_MIN_S)} "
+            f"moves of >= {MOVE_MIN_S:.0f} s without motion; longest stretch {longest:.1f} s "
+            f"(limit {DEAD_STRETCH_S:.0f} s)"))
         checks += [self._check_stop(stop, motion) for stop in self.stops]
         checks.append(self._check_daemon_log())
         tally = self.tally

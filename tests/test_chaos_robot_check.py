@@ -20,6 +20,7 @@ from bench.chaos_robot import (
     read_motion,
     read_setpoint_runs,
     stop_delay,
+    unanswered,
     uncovered,
     windows,
 )
@@ -177,3 +178,15 @@ async def test_the_operators_relay_passes_bytes_until_cut() -> None:
         writer.write(b"pong")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"pong"
         writer.close()
+
+
+def test_moves_the_robot_did_not_answer_are_counted_and_a_dead_stretch_measured() -> None:
+    def move(first: float, seconds: float = 3.0) -> SetpointRun:
+        return SetpointRun(first, first + seconds, 300, True, (0.02, 0, 0, 0, 0, 0), 0.01)
+
+    runs = [move(10.0), move(14.0), move(18.0), move(22.0), move(26.0, 0.5), move(30.0)]
+    motion = Motion([(10.05, 13.2), (30.1, 33.0)], [], 1)  # the three in between: nothing
+    assert unanswered(motion, runs, 1.0, ALLOWED_S) == (3, pytest.approx(25.0 - 14.0))
+    assert unanswered(Motion([], [], 1), runs[:1], 1.0, ALLOWED_S) == (1, pytest.approx(3.0))
+    released = [SetpointRun(10.0, 13.0, 300, False, (0.0,) * 6, 0.01)]
+    assert unanswered(Motion([], [], 1), released, 1.0, ALLOWED_S) == (0, 0.0)
