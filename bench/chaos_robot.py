@@ -306,6 +306,8 @@ class CuttableLink:
         self._pairs.add(pair)
         try:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # torn down with the event loop: asyncio 3.11 would log it as an error
         finally:
             self._pairs.discard(pair)
             self._relays.discard(relay)
