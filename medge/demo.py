@@ -166,6 +166,8 @@ def robot_part(demo: Demo) -> list[str]:
         f'[manipulator]\nbus = "socket://127.0.0.1:{bus_port}"\n'
         f'force_sensor = "socket://127.0.0.1:{force_port}"\n\n'
         f'[manipulator.registration]\ncamera = "simulated"\n\n'
+        # the console page sends a setpoint every 20 ms (console.js SEND_PERIOD_MS)
+        f'[manipulator.supervisor]\nsetpoint_period_s = 0.02\n\n'
         # the phantom seen from the robot's measured pose: the console's live ultrasound image
         f'[manipulator.ultrasound]\nsource = "simulated"\nresolution = [640, 480]\n'
         f'frame_rate_hz = 15.0\n')

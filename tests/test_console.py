@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,9 +27,12 @@ import pytest
 import structlog
 
 from daemons.manipulator.kinematics import ProbePose, Twist, probe_axis
+from daemons.manipulator.supervisor import SupervisorConfig
 from daemons.manipulator.teleop_protocol import decode_setpoint
 from daemons.manipulator.ultrasound import PoseSample, StampedFrame, live_payload
+from medge import demo
 from medge.cli import build_parser, main
+from medge.console.server import STATIC as STATIC_DIR
 from medge.console.server import ConsoleInfo, ConsoleServer
 from medge.console.settings import InputSettings, SettingsError, SettingsStore, probe_to_base
 from medge.console.spacemouse import (
@@ -545,3 +550,21 @@ async def test_the_operator_link_announces_nothing_and_fails_requests_in_flight_
         async with asyncio.timeout(5):
             message = await anext(aiter(late.messages))
         assert message.topic.value == "medge/v1/end"
+
+
+@pytest.mark.parametrize("config_text", [
+    (Path(__file__).resolve().parent.parent / "config" / "manipulator.toml").read_text(),
+    "\n".join(line for line in inspect.getsource(demo.robot_part).splitlines()
+              if "setpoint_period_s" in line),
+])
+def test_the_deployed_supervisor_expects_the_console_pages_setpoint_rate(config_text: str) -> None:
+    """The supervisor stops after ``max_missed_setpoints`` of *its* ``setpoint_period_s``; the
+    page sends every SEND_PERIOD_MS. Expecting 100 Hz from a 50 Hz page made every 30 ms of
+    browser jitter a stale-command stop (found by the chaos robot part)."""
+    send_ms = re.search(r"const SEND_PERIOD_MS = (\d+);",
+                        (STATIC_DIR / "console.js").read_text())
+    period = re.search(r"setpoint_period_s = ([0-9.]+)", config_text)
+    assert send_ms is not None and period is not None
+    missed = SupervisorConfig().max_missed_setpoints
+    assert float(period[1]) * 1000 >= int(send_ms[1])
+    assert missed * float(period[1]) < SupervisorConfig().stale_s  # still well inside 250 ms
