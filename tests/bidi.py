@@ -202,9 +202,10 @@ class Keyboard:
 
 
 class Tab:
-    """One top-level browsing context. Its methods are named and behave like those of
-    Playwright's ``Page`` that the console tests use, so the same test helpers drive Chromium
-    (Playwright) and Firefox (this driver)."""
+    """One top-level browsing context. ``goto``, ``evaluate``, ``wait_for_selector``,
+    ``text_content``, ``click``, ``keyboard`` and ``bring_to_front`` are named and behave like
+    Playwright's ``Page`` methods, so the console tests' helpers drive Chromium (Playwright) and
+    Firefox (this driver) alike."""
 
     def __init__(self, browser: FirefoxBidi, context: str) -> None:
         self.browser = browser
@@ -262,9 +263,9 @@ class Tab:
                         {"type": "pointerDown", "button": 0},
                         {"type": "pointerUp", "button": 0}]}])
 
-    async def screenshot(self, path: str) -> None:
-        """The whole page from its top, wherever a click scrolled it to (the header sticks)."""
-        await self.evaluate("window.scrollTo(0, 0)")
+    async def screenshot(self, path: Path) -> None:
+        """The whole page from its top, wherever a click scrolled it to."""
+        await self.evaluate("window.scrollTo(0, 0)")  # or the sticky header lands mid-page
         shot = await self.browser.call("browsingContext.captureScreenshot", context=self.context,
                                        origin="document")
-        Path(path).write_bytes(base64.b64decode(shot["data"]))
+        path.write_bytes(base64.b64decode(shot["data"]))

@@ -9,6 +9,7 @@ Set ``MEDGE_CONSOLE_SCREENSHOTS=docs/console`` to refresh the ``firefox-*.png`` 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from tests.test_console_browser import (
     assert_stops_and_stays_stopped,
     banner,
     console_server,
-    screenshot,
 )
 
 
@@ -35,6 +35,11 @@ async def firefox() -> AsyncIterator[FirefoxBidi]:
         pytest.fail("firefox-esr is not installed: run `make setup` (scripts/setup.sh)")
     async with FirefoxBidi(FIREFOX) as browser:
         yield browser
+
+
+async def screenshot(tab: Tab, name: str, tmp_path: Path) -> None:
+    directory = Path(os.environ.get("MEDGE_CONSOLE_SCREENSHOTS") or tmp_path)
+    await tab.screenshot(directory / f"firefox-{name}.png")
 
 
 @contextlib.asynccontextmanager
@@ -62,11 +67,11 @@ async def test_holding_the_dead_man_key_moves_the_robot_and_releasing_stops_it(
         assert await tab.text_content("#operator") == "alice"
         assert await tab.text_content("#robot") == r.topics.prefix
         assert await tab.text_content("#supervisor-state") == "disarmed"
-        await screenshot(tab, "firefox-idle", tmp_path)
+        await screenshot(tab, "idle", tmp_path)
         await arm_and_move_right(tab, r)
         assert "alice (you)" in (await tab.text_content("#lease") or "")
         assert abs(r.tip()[1]) < 1e-3  # D moves right (+x), nothing else
-        await screenshot(tab, "firefox-armed-moving", tmp_path)
+        await screenshot(tab, "armed-moving", tmp_path)
         await tab.keyboard.up("Space")  # the page sends no "release": setpoints just stop
         released_at = r.sim.clock()
         forwarded = server.counters.forwarded
@@ -91,7 +96,7 @@ async def test_the_estop_button_and_escape_latch_the_estop(
         assert "estop_command" in (await tab.text_content("#banner") or "")
         assert r.daemon.state_document()["state"] == "estop"
         if latch == "Escape":
-            await screenshot(tab, "firefox-estop-latched", tmp_path)
+            await screenshot(tab, "estop-latched", tmp_path)
         await tab.keyboard.up("Space")
         await tab.keyboard.up("KeyD")
 
@@ -117,7 +122,7 @@ async def test_a_second_console_in_another_window_cannot_take_the_lease_or_move_
             assert bob_server.counters.forwarded > 10  # bob's setpoints reached the daemon…
             assert not r.moved_after(since)            # …which ignored them
             assert r.daemon.state_document()["lease"] == "alice"
-            await screenshot(bob_tab, "firefox-lease-other", tmp_path)
+            await screenshot(bob_tab, "lease-other", tmp_path)
             await bob_tab.keyboard.up("Space")
             await bob_tab.keyboard.up("KeyD")
 
@@ -132,6 +137,7 @@ async def test_bringing_another_tab_to_the_front_stops_the_robot_and_says_why(
         await banner(tab, "hidden")
         forwarded = server.counters.forwarded
         await assert_stops_and_stays_stopped(r, left_at)
+        await screenshot(tab, "tab-hidden", tmp_path)
         assert server.counters.forwarded - forwarded <= 2
         await tab.bring_to_front()
         assert await other.evaluate("document.visibilityState") == "hidden"
@@ -153,6 +159,6 @@ async def test_losing_the_console_server_stops_the_robot_and_says_why(
         lost_at = r.sim.clock()
         await banner(tab, "link-lost")
         await assert_stops_and_stays_stopped(r, lost_at)
-        await screenshot(tab, "firefox-link-lost", tmp_path)
+        await screenshot(tab, "link-lost", tmp_path)
         await tab.keyboard.up("Space")
         await tab.keyboard.up("KeyD")
