@@ -277,3 +277,34 @@ async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset(
         start_x = m.world.tip_and_axis()[0][0]
         async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
             await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)
+
+
+async def test_reset_after_a_servo_power_cycle_holds_where_the_servos_stand() -> None:
+    """Found by the chaos robot part: after the bus came back with its servos elsewhere (power
+    cycled; here moved to 0, as the restarted simulator does), a control cycle ran between the
+    reset's torque enable and the supervisor's re-base and wrote the goal the supervisor held
+    from *before* — the servos drove back to it with no setpoint. A slow bus (latency after the
+    enable) widens that window here; a reset now keeps cycles out until it has re-based."""
+    async with manipulator() as m:
+        m.loop.arm("alice")
+        async with operator(m.loop, Twist((0, 0.03, 0), (0, 0, 0))):
+            await wait_for(lambda: m.world.tip_and_axis()[0][1] > 0.01)
+        m.loop.estop()
+        await wait_for(lambda: not m.status().moving)
+        for servo in m.sim.servos:  # power cycle: torque off, standing elsewhere
+            servo.reboot()
+            servo.position = 0.0
+        await wait_for(lambda: all(abs(s.position_rad) < 1e-3 for s in m.loop.last_states))
+        enable = m.loop.servos.enable
+
+        async def slow_enable(**kwargs: Any) -> None:
+            await enable(**kwargs)
+            await asyncio.sleep(0.05)  # five control periods: cycles would run here
+
+        m.loop.servos.enable = slow_enable  # type: ignore[method-assign]
+        reset_at = m.sim.clock()
+        assert (await m.loop.reset()).granted
+        await asyncio.sleep(0.1)
+        moved = [s for s in m.sim.motion_log if s.time > reset_at and any(s.velocities)]
+        assert not moved, f"servos moved after the reset with no setpoint: {moved[0]}"
+        assert all(servo.torque_on for servo in m.sim.servos)

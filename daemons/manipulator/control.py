@@ -97,6 +97,9 @@ class ControlLoop:
         self._bus_log = StateLog(log, "servo bus")
         self._watchdog_log = StateLog(log, "servo watchdog")
         self._wake = asyncio.Event()
+        self._turn = asyncio.Lock()
+        """Held by a cycle and by a reset: no cycle may write the supervisor's old goal between
+        a reset's torque enable and its re-base on where the servos stand."""
         self.min_gap_s = self.config.period_s / 4
         """Closest spacing of cycles brought forward by :meth:`wake` (bus load stays bounded
         however fast setpoints arrive)."""
@@ -121,6 +124,10 @@ class ControlLoop:
 
     async def cycle(self) -> CycleOutput:
         """Read all states, run the supervisor, write all goals."""
+        async with self._turn:
+            return await self._cycle()
+
+    async def _cycle(self) -> CycleOutput:
         started = self.clock()
         supervisor = self.supervisor
         self._check_watchdog_gap(started)
@@ -241,7 +248,14 @@ class ControlLoop:
 
     async def reset(self) -> Decision:
         """Clear an E-stop: reboot servos with a latched hardware error, re-enable (which also
-        clears a tripped bus watchdog), then reset."""
+        clears a tripped bus watchdog), then reset — with no cycle in between: the supervisor
+        still holds the goal from before the E-stop, and servos that were power cycled (or
+        moved by hand with torque off) stand elsewhere; once enabled they would drive back to
+        it with no operator command."""
+        async with self._turn:
+            return await self._reset()
+
+    async def _reset(self) -> Decision:
         await self.servos.clear_faults()
         await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
