@@ -21,6 +21,7 @@ from daemons.manipulator.control import ControlLoop
 from daemons.manipulator.kinematics import HolderKinematics, Twist
 from daemons.manipulator.supervisor import ArmState, Reason, Setpoint, Status, SupervisorConfig
 from drivers.dynamixel import DynamixelBus, DynamixelChain
+from drivers.dynamixel_protocol import DynamixelError
 from drivers.force_sensor import ForceSensor
 from drivers.serial_link import SerialLink
 from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
@@ -279,12 +280,15 @@ async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset(
             await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)
 
 
-async def test_reset_after_a_servo_power_cycle_holds_where_the_servos_stand() -> None:
+@pytest.mark.parametrize("after_enable", ["slow bus", "read fails"])
+async def test_reset_after_a_servo_power_cycle_holds_where_the_servos_stand(
+        after_enable: str) -> None:
     """Found by the chaos robot part: after the bus came back with its servos elsewhere (power
-    cycled; here moved to 0, as the restarted simulator does), a control cycle ran between the
-    reset's torque enable and the supervisor's re-base and wrote the goal the supervisor held
-    from *before* — the servos drove back to it with no setpoint. A slow bus (latency after the
-    enable) widens that window here; a reset now keeps cycles out until it has re-based."""
+    cycled; here moved to 0, as the restarted simulator does), the reset enabled torque and a
+    control cycle then wrote the goal the supervisor still held from *before* — the servos drove
+    back to it with no setpoint. Two ways in: a cycle between the enable and the re-base (a
+    slow bus widens that window here), and a reset failing after the enable (a noisy bus). A
+    reset now re-bases on where the servos stand before enabling, and keeps cycles out."""
     async with manipulator() as m:
         m.loop.arm("alice")
         async with operator(m.loop, Twist((0, 0.03, 0), (0, 0, 0))):
@@ -295,15 +299,28 @@ async def test_reset_after_a_servo_power_cycle_holds_where_the_servos_stand() ->
             servo.reboot()
             servo.position = 0.0
         await wait_for(lambda: all(abs(s.position_rad) < 1e-3 for s in m.loop.last_states))
-        enable = m.loop.servos.enable
+        servos, enable, read_states = m.loop.servos, m.loop.servos.enable, m.loop.servos.read_states
+        enabled = [False]
 
-        async def slow_enable(**kwargs: Any) -> None:
+        async def enable_then(**kwargs: Any) -> None:
             await enable(**kwargs)
+            enabled[0] = True
             await asyncio.sleep(0.05)  # five control periods: cycles would run here
 
-        m.loop.servos.enable = slow_enable  # type: ignore[method-assign]
+        async def read_failing_once_enabled() -> list[Any]:
+            if enabled[0] and after_enable == "read fails":
+                enabled[0] = False
+                raise DynamixelError("status packet: CRC mismatch (noisy bus)")
+            return await read_states()
+
+        servos.enable = enable_then  # type: ignore[method-assign]
+        servos.read_states = read_failing_once_enabled  # type: ignore[method-assign]
         reset_at = m.sim.clock()
-        assert (await m.loop.reset()).granted
+        if after_enable == "read fails":
+            with pytest.raises(DynamixelError):
+                await m.loop.reset()
+        else:
+            assert (await m.loop.reset()).granted
         await asyncio.sleep(0.1)
         moved = [s for s in m.sim.motion_log if s.time > reset_at and any(s.velocities)]
         assert not moved, f"servos moved after the reset with no setpoint: {moved[0]}"

@@ -257,6 +257,8 @@ class ControlLoop:
 
     async def _reset(self) -> Decision:
         await self.servos.clear_faults()
+        self.last_states = await self.servos.read_states()  # torque still off: where they stand
+        self.supervisor.hold_where_measured(self.measured_joints())  # even if the rest fails
         await self.servos.enable(watchdog_s=self.watchdog_s)
         self.last_states = await self.servos.read_states()
         self._last_bus_traffic = self.clock()

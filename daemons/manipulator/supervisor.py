@@ -279,6 +279,13 @@ class Supervisor:
             self.estop_reason = reason
         self.state, self.operator, self._latest = ArmState.ESTOP, None, None
 
+    def hold_where_measured(self, measured_joints: Sequence[float]) -> None:
+        """Before torque comes back on (a reset after the servos were power cycled or moved by
+        hand with torque off): a robot at rest and not armed holds where it stands, not at the
+        goal it held before, which the servos would otherwise drive back to on their own."""
+        if self.state is not ArmState.ARMED and not any(self._rates):
+            self._restart_from(measured_joints)
+
     def reset(self, measured_joints: Sequence[float], servo_faults: Sequence[int]) -> Decision:
         """Clear a latched E-stop (the robot stays disarmed until someone arms it).
 
