@@ -46,14 +46,17 @@ SECTION = UltrasoundSection(resolution=(160, 120), live_rate_hz=0.0,
                             sweeps={"short": SHORT, "fan": FAN, "deep": DEEP, "slow": SLOW})
 
 
-SHARED_BOX_WATCHDOG_S = 0.3
+SHARED_BOX_WATCHDOG_S = 1.0
 """The servo bus watchdog for rigs that sweep (the default is 0.1 s). This rig runs the bus and
 load-cell simulators, the phantom renderer and the daemon in one test process, so any stall of
 that process is a bus silence; on a busy shared 2-core box (load 6-9, 2026-11-22) the same
 sweep *without* ultrasound latched ``estop_servo_watchdog`` at 0.1 s in 4 of 6 runs (longest
 event-loop stall per run 72-159 ms): the trips are the box's, not the sweep's. What the
 ultrasound side adds to the daemon's loop is measured with each part in its own process
-(bench/ultrasound, docs/ultrasound.md "Effect on the control loop"), not by these tests."""
+(bench/ultrasound, docs/ultrasound.md "Effect on the control loop"), not by these tests.
+0.3 s still tripped once in a clean-clone `make test` while a chaos run and a soak shared the
+box (test_cli_lists_starts_and_refuses: the `medge us` processes start beside the rig); 1.0 s,
+as the console's browser tests use. The watchdog itself is tested in test_supervisor_control."""
 
 
 @contextlib.asynccontextmanager
