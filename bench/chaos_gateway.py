@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.gateway import gateway_toml
 from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim
+from medge.runtime import outbox_path
 
 REPO = Path(__file__).resolve().parent.parent
 VENT_MAP = REPO / "config" / "ventilators" / "home-ventilator.toml"
@@ -65,7 +66,7 @@ class GatewayPart:
 
     @property
     def outbox_path(self) -> Path:
-        return self.state / "gateway-outbox.sqlite3"  # medge.runtime names it so
+        return outbox_path(self.state, "gateway")
 
     def start(self, shared: Shared) -> None:
         """``shared.rate``: times the realistic pace (oximeter and ventilator published every

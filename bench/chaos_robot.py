@@ -44,6 +44,7 @@ from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.teleop_protocol import RobotTopics
 from medge import config
 from medge.mqtt import LinkDown
+from medge.runtime import outbox_path
 from medge.teleop import Broker, RequestTimeout, TeleopClient
 
 LINK_ERRORS = (LinkDown, aiomqtt.MqttError, RequestTimeout, ConnectionError)
@@ -385,7 +386,7 @@ class RobotPart:
 
     @property
     def outbox_path(self) -> Path:
-        return self.work / "state" / f"{self.daemon}-outbox.sqlite3"
+        return outbox_path(self.work / "state", self.daemon)
 
     def start(self, shared: Shared) -> None:
         self.shared = shared

@@ -32,6 +32,7 @@ import aiomqtt
 from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim
 from medge.config import load
 from medge.exitcodes import EXIT_UNAVAILABLE
+from medge.runtime import outbox_path
 from medge.scancli import CliError, ScannerClient, ScannerNodeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ class ScannerPart:
 
     @property
     def outbox_path(self) -> Path:
-        return self.state_dir / "microscope-outbox.sqlite3"
+        return outbox_path(self.state_dir, "microscope")
 
     def start(self, shared: Shared) -> None:
         self._shared = shared

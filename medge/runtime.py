@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,6 +25,11 @@ from medge.topics import Topics
 HEALTH_INTERVAL_S = 30.0
 
 
+def outbox_path(state_dir: Path, daemon: str) -> Path:
+    """Where ``daemon``'s outbox lives (tools that read it, e.g. bench/chaos, ask here)."""
+    return state_dir / f"{daemon}-outbox.sqlite3"
+
+
 class Runtime:
     def __init__(
         self, cfg: DaemonConfig, daemon: str, *, health_interval: float = HEALTH_INTERVAL_S
@@ -32,7 +38,7 @@ class Runtime:
         self.daemon = daemon
         self.topics = Topics(cfg.node.site, cfg.node.node)
         self.link = MqttLink(cfg.mqtt, self.topics, daemon)
-        self.outbox = Outbox(cfg.node.state_dir / f"{daemon}-outbox.sqlite3", cfg.outbox,
+        self.outbox = Outbox(outbox_path(cfg.node.state_dir, daemon), cfg.outbox,
                              self.topics, on_pressure=self._on_pressure)
         self.publisher = Publisher(self.outbox, self.link, max_inflight=cfg.outbox.max_inflight)
         self.health_interval = health_interval

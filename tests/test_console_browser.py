@@ -113,6 +113,26 @@ async def arm_and_move_right(page: Page, r: Rig) -> None:
     await banner(page, "moving")
 
 
+async def release_keys(page: Page) -> None:
+    """Let go of the dead-man and D (held by :func:`arm_and_move_right`)."""
+    await page.keyboard.up("Space")
+    await page.keyboard.up("KeyD")
+
+
+async def assert_second_console_is_ignored(bob: Page, bob_server: ConsoleServer, r: Rig) -> None:
+    """Bob, refused the lease alice holds, holds the dead-man and D: his page says whose lease
+    it is, his setpoints reach the daemon, which ignores them (keys left held)."""
+    await banner(bob, "lease-other")
+    assert "alice" in (await bob.text_content("#banner") or "")
+    await bob.keyboard.down("Space")
+    await bob.keyboard.down("KeyD")
+    since = r.sim.clock()
+    await wait_for(lambda: (r.daemon.state_document()["counters"]["foreign"] or 0) > 10)
+    assert bob_server.counters.forwarded > 10  # bob's setpoints reached the daemon…
+    assert not r.moved_after(since)            # …which ignored them
+    assert r.daemon.state_document()["lease"] == "alice"
+
+
 async def assert_stops_and_stays_stopped(r: Rig, since: float) -> None:
     """No servo moves later than the stale-command timeout plus the decelerating stop."""
     await wait_for(lambda: r.sim.clock() > since + STOP_BUDGET_S + 0.2)
@@ -184,8 +204,7 @@ async def test_escape_latches_the_estop_and_reset_needs_confirmation_and_rearmin
         await banner(page, "not-armed")  # reset leaves it disarmed: no motion with keys held
         reset_at = r.sim.clock()
         await assert_stops_and_stays_stopped(r, reset_at)
-        await page.keyboard.up("Space")
-        await page.keyboard.up("KeyD")
+        await release_keys(page)
 
 
 async def test_a_second_console_cannot_take_the_lease_or_move_the_robot(
@@ -199,17 +218,8 @@ async def test_a_second_console_cannot_take_the_lease_or_move_the_robot(
         await bob.click("#arm")
         await bob.wait_for_selector("#message.error:has-text('arm: refused')",
                                     timeout=UI_TIMEOUT_MS)
-        await banner(bob, "lease-other")
-        assert "alice" in (await bob.text_content("#banner") or "")
-        await bob.keyboard.down("Space")
-        await bob.keyboard.down("KeyD")
-        since = r.sim.clock()
-        await wait_for(lambda: (r.daemon.state_document()["counters"]["foreign"] or 0) > 10)
-        assert bob_server.counters.forwarded > 10  # bob's setpoints reached the daemon…
-        assert not r.moved_after(since)            # …which ignored them
-        assert r.daemon.state_document()["lease"] == "alice"
-        await bob.keyboard.up("Space")
-        await bob.keyboard.up("KeyD")
+        await assert_second_console_is_ignored(bob, bob_server, r)
+        await release_keys(bob)
 
 
 # Headless Chromium has no window to minimise or leave: the tests report the tab hidden or the
@@ -245,8 +255,7 @@ async def test_leaving_the_tab_stops_the_robot_and_says_why(
         # may never come): the page waits for the dead-man to be pressed again.
         await banner(page, "idle")
         assert server.counters.forwarded - forwarded <= 2
-        await page.keyboard.up("Space")
-        await page.keyboard.up("KeyD")
+        await release_keys(page)
 
 
 FAKE_GAMEPAD = """
@@ -341,15 +350,13 @@ async def test_broker_restart_stops_the_robot_then_the_page_reconnects_and_rearm
         await page.click("#arm")
         await banner(page, "idle")  # keys held through the outage were forgotten
         assert server.counters.forwarded == forwarded and not r.moved_after(cut_at + STOP_BUDGET_S)
-        await page.keyboard.up("Space")
-        await page.keyboard.up("KeyD")
+        await release_keys(page)
         await page.keyboard.down("Space")  # pressed again: the operator drives again
         await page.keyboard.down("KeyD")
         moved_from = r.tip()[0]
         await wait_for(lambda: r.tip()[0] > moved_from + 0.003, timeout=20)
         await banner(page, "moving")
-        await page.keyboard.up("Space")
-        await page.keyboard.up("KeyD")
+        await release_keys(page)
 
 
 LIVE_ULTRASOUND = UltrasoundSection(resolution=(320, 240), frame_rate_hz=15.0, live_rate_hz=10.0)

@@ -18,13 +18,15 @@ import pytest
 from medge.console.server import ConsoleServer
 from medge.localbroker import Mosquitto
 from tests.bidi import FIREFOX, FirefoxBidi, Tab
-from tests.teleop_rig import Rig, rig, wait_for
+from tests.teleop_rig import Rig, rig
 from tests.test_console_browser import (
     RELAXED_WATCHDOG_S,
     arm_and_move_right,
+    assert_second_console_is_ignored,
     assert_stops_and_stays_stopped,
     banner,
     console_server,
+    release_keys,
 )
 
 
@@ -97,8 +99,7 @@ async def test_the_estop_button_and_escape_latch_the_estop(
         assert r.daemon.state_document()["state"] == "estop"
         if latch == "Escape":
             await screenshot(tab, "estop-latched", tmp_path)
-        await tab.keyboard.up("Space")
-        await tab.keyboard.up("KeyD")
+        await release_keys(tab)
 
 
 async def test_a_second_console_in_another_window_cannot_take_the_lease_or_move_the_robot(
@@ -113,18 +114,9 @@ async def test_a_second_console_in_another_window_cannot_take_the_lease_or_move_
             await bob_tab.click("#arm")
             await bob_tab.wait_for_selector("#message.error", timeout=10_000)
             assert "arm: refused" in (await bob_tab.text_content("#message") or "")
-            await banner(bob_tab, "lease-other")
-            assert "alice" in (await bob_tab.text_content("#banner") or "")
-            await bob_tab.keyboard.down("Space")
-            await bob_tab.keyboard.down("KeyD")
-            since = r.sim.clock()
-            await wait_for(lambda: (r.daemon.state_document()["counters"]["foreign"] or 0) > 10)
-            assert bob_server.counters.forwarded > 10  # bob's setpoints reached the daemon…
-            assert not r.moved_after(since)            # …which ignored them
-            assert r.daemon.state_document()["lease"] == "alice"
+            await assert_second_console_is_ignored(bob_tab, bob_server, r)
             await screenshot(bob_tab, "lease-other", tmp_path)
-            await bob_tab.keyboard.up("Space")
-            await bob_tab.keyboard.up("KeyD")
+            await release_keys(bob_tab)
 
 
 async def test_bringing_another_tab_to_the_front_stops_the_robot_and_says_why(
@@ -147,8 +139,7 @@ async def test_bringing_another_tab_to_the_front_stops_the_robot_and_says_why(
         # forgotten: the page waits for the dead-man to be pressed again.
         await banner(tab, "idle")
         assert server.counters.forwarded - forwarded <= 2
-        await tab.keyboard.up("Space")
-        await tab.keyboard.up("KeyD")
+        await release_keys(tab)
 
 
 async def test_losing_the_console_server_stops_the_robot_and_says_why(
@@ -160,5 +151,4 @@ async def test_losing_the_console_server_stops_the_robot_and_says_why(
         await banner(tab, "link-lost")
         await assert_stops_and_stays_stopped(r, lost_at)
         await screenshot(tab, "link-lost", tmp_path)
-        await tab.keyboard.up("Space")
-        await tab.keyboard.up("KeyD")
+        await release_keys(tab)

@@ -159,23 +159,25 @@ class ControlLoop:
         """A gap in our bus traffic longer than (nearly) the servos' watchdog means they have
         tripped: they stopped on their own and ignore goals until re-enabled (a reset)."""
         last = self._last_bus_traffic
-        if self.watchdog_s and last is not None and now - last > self.watchdog_s * 0.8:
-            # logged once per gap: with the bus down it lasts until the bus answers again
-            self._watchdog_log.set("gap", level="error", silent_s=round(now - last, 3),
-                                   watchdog_s=self.watchdog_s)
-            self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
-        elif self._watchdog_log.state == "gap":
+        silent = 0.0 if last is None else now - last
+        if not self._watchdog_tripped(silent) and self._watchdog_log.state == "gap":
             self._watchdog_log.set("heard again")
 
     def _check_bus_silence(self) -> None:
         """The same, measured between the packets themselves: the whole process may freeze
         while a cycle waits for its reply (the next cycle then starts on time, and the servos
         have tripped all the same)."""
-        silent = self.servos.take_longest_silence()
-        if self.watchdog_s and silent > self.watchdog_s * 0.8:
-            self._watchdog_log.set("gap", level="error", silent_s=round(silent, 3),
-                                   watchdog_s=self.watchdog_s)
-            self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
+        self._watchdog_tripped(self.servos.take_longest_silence())
+
+    def _watchdog_tripped(self, silent_s: float) -> bool:
+        """``silent_s`` without a packet trips the servos' watchdog: latch the E-stop, logged
+        once per gap (with the bus down it lasts until the bus answers again)."""
+        if not self.watchdog_s or silent_s <= self.watchdog_s * 0.8:
+            return False
+        self._watchdog_log.set("gap", level="error", silent_s=round(silent_s, 3),
+                               watchdog_s=self.watchdog_s)
+        self.supervisor.estop(Reason.ESTOP_SERVO_WATCHDOG)
+        return True
 
     def _bus_failed(self, error: DynamixelError) -> None:
         """The bus is the robot's only brake we control: losing it latches the E-stop."""

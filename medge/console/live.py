@@ -9,7 +9,6 @@ good frame and never raises into the MQTT link.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import aiomqtt
 import structlog
 
 from daemons.manipulator.ultrasound import age_ms, parse_live
+from medge.console.settings import is_finite_number
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 """Far above a 1024×768 JPEG (~100 KB); anything bigger is not a live-view frame."""
@@ -138,7 +138,7 @@ def check_frame(payload: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def _finite(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise BadFrame(f"live frame {key}: must be a finite number, got {value!r:.60}")
     return float(value)
 

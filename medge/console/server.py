@@ -43,6 +43,7 @@ from medge.console.settings import (
     InputSettings,
     SettingsError,
     SettingsStore,
+    is_finite_number,
     probe_to_base,
 )
 from medge.console.spacemouse import SpaceMouseReader
@@ -479,7 +480,7 @@ def _body(body: bytes) -> dict[str, Any]:
 
 def _number(document: dict[str, Any], key: str) -> float:
     value = document.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise HttpError(400, f"{key}: must be a finite number, got {value!r}")
     return float(value)
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.teleop_protocol import check_level
@@ -30,9 +30,13 @@ class SettingsError(ValueError):
     """A settings value out of range or of the wrong type; names the key (and file)."""
 
 
+def is_finite_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number the console can use: not a bool (JSON true is no number), not NaN/inf."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def _check_range(key: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if not is_finite_number(value) or not low <= value <= high:
         raise SettingsError(f"{key}: must be a number in {low}..{high}, got {value!r}")
     return float(value)
 
