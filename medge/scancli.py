@@ -442,7 +442,8 @@ def register(subparsers: Any) -> None:
     status.add_argument("--follow", action="store_true", help="live progress until it ends")
     status.add_argument("--deadline", type=float, default=None, metavar="S")
     status.set_defaults(func=_runner(scan_status))
-    commands.add_parser("list", help="every job the daemon knows").set_defaults(
+    commands.add_parser("list", help="the queue and the newest finished jobs "
+                        "([microscope] recent_jobs; older ones by id)").set_defaults(
         func=_runner(scan_list))
     for name, function, text in (("cancel", scan_cancel, "stop a job (tiles are kept)"),
                                  ("resume", scan_resume, "continue a failed or cancelled job"),

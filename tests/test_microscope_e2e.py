@@ -38,7 +38,7 @@ class Scanner:
 
     def __init__(self, workdir: Path, broker: Mosquitto, pacs: Orthanc | None = None,
                  disk_reserve_mb: float = 1.0, stage_port: str = "sim",
-                 **simulator: Any) -> None:
+                 recent_jobs: int = 200, **simulator: Any) -> None:
         self.workdir = workdir
         self.config = workdir / "microscope.toml"
         self.log = workdir / "daemon.log"
@@ -64,6 +64,7 @@ reconnect_max = 0.5
 [microscope]
 objectives_file = "{OBJECTIVES}"
 {pacs_line}disk_reserve_mb = {disk_reserve_mb}
+recent_jobs = {recent_jobs}
 focus_points = 3
 [microscope.stage]
 port = "{stage_port}"
@@ -245,6 +246,40 @@ def test_cancel_mid_scan_keeps_the_tiles(scanners: Callable[..., Scanner],
     status, _, _ = scanner.cli(capsys, "scan", "resume", job)
     assert status == 0
     assert scanner.wait_for(job, finished)["status"] == "done"
+
+
+def test_finished_jobs_leave_memory_but_answer_by_id_from_disk(
+        scanners: Callable[..., Scanner], capsys: pytest.CaptureFixture[str]) -> None:
+    """The soak found the daemon keeping every job's full state for ever (~80 KB a slide):
+    now only ``recent_jobs`` summaries stay listed; status, report and resume of an older job
+    read its state file, before and after a restart."""
+    scanner = scanners(recent_jobs=1, time_scale=1.0)
+    running, second, third = (scanner.submit(capsys) for _ in range(3))
+    for job in (second, third):  # queued behind the first: cancelled at once, then finished
+        assert scanner.cli(capsys, "scan", "cancel", job)[0] == 0
+
+    def listed() -> list[str]:
+        status, out, err = scanner.cli(capsys, "scan", "list", "--json")
+        assert status == 0, err
+        return [j["job"] for j in json.loads(out)]
+
+    assert listed() == [running, third]  # the second fell out of the newest 1 finished
+    status, out, _ = scanner.cli(capsys, "scan", "status", second, "--json")
+    assert status == 0 and json.loads(out)["status"] == "cancelled"
+    status, _, err = scanner.cli(capsys, "scan", "report", second)
+    assert status == 2 and "no report yet" in err and "cancelled" in err
+    assert scanner.cli(capsys, "scan", "cancel", running)[0] == 0
+    assert scanner.wait_for(running, finished)["status"] == "cancelled"
+    assert scanner.cli(capsys, "scan", "resume", second)[0] == 0
+    assert scanner.wait_for(second, finished)["status"] == "done"
+    assert listed() == [second]
+    scanner.stop()
+    scanner.start()
+    assert listed() == [second]
+    status, out, _ = scanner.cli(capsys, "scan", "report", second)
+    assert status == 0 and "9 planned, 9 captured" in out
+    status, out, _ = scanner.cli(capsys, "scan", "status", running, "--json")
+    assert status == 0 and json.loads(out)["tiles_done"] < 9
 
 
 def test_sigkill_mid_acquisition_resumes_and_matches_an_uninterrupted_scan(

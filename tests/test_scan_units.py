@@ -85,10 +85,9 @@ def test_a_corrupt_state_file_is_reported_not_dropped(tmp_path: Path) -> None:
     broken = tmp_path / "20260101-000000-abcdef"
     broken.mkdir()
     (broken / "state.json").write_text("{not json")
-    jobs, problems = store.load_all()
-    assert [job.id for job in jobs] == [good.id]
-    assert len(problems) == 1 and "20260101-000000-abcdef" in problems[0]
-    with pytest.raises(StateCorrupt):
+    assert store.ids() == ["20260101-000000-abcdef", good.id]
+    assert store.load(good.id) == good
+    with pytest.raises(StateCorrupt, match="20260101-000000-abcdef"):
         store.load("20260101-000000-abcdef")
     with pytest.raises(JobError, match="not a job id"):
         store.load("../../etc")

@@ -106,6 +106,9 @@ class ScanSection:
     disk_check_every: int = field(default=20, metadata=bounds(min=1))
     delivery_wait_s: float = field(default=60.0, metadata=bounds(min=0, max=3600))
     """How long the deliver phase waits for the PACS before reporting the job as spooled."""
+    recent_jobs: int = field(default=200, metadata=bounds(min=1, max=100_000))
+    """Finished jobs ``medge scan list`` shows (a summary each in memory); older ones stay on
+    disk and answer ``status``, ``report`` and ``resume`` by id."""
     stage: StageSection = field(default_factory=StageSection)
     camera: CameraSection = field(default_factory=CameraSection)
     simulator: SimulatorSection = field(default_factory=SimulatorSection)
@@ -161,6 +164,11 @@ class Microscope:
         self.rig: Rig = build_rig(section.stage, section.camera, section.simulator,
                                   next(iter(self.objectives.values())))
         self.jobs: dict[str, JobState] = {}
+        """Jobs that can still change: queued, running, or waiting for the PACS (spooled)."""
+        self.recent: dict[str, tuple[float, dict[str, Any]]] = {}
+        """Finish time and summary of the ``recent_jobs`` last finished jobs. A finished job's
+        full state (tiles, plan, report: ~80 KB a slide) lives on disk only, so a daemon that
+        scans for years holds no more than this."""
         self.current: JobState | None = None
         self._cancel: set[str] = set()
         self._wake = asyncio.Event()
@@ -191,16 +199,7 @@ class Microscope:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        jobs, problems = self.store.load_all()
-        for problem in problems:
-            log.error("job state unreadable; left on disk", error=problem)
-        for job in jobs:
-            if job.status == "running":  # the daemon died mid-scan: carry on where it was
-                job.status = "queued"
-                job.resumes += 1
-                job.message = "resuming after a restart"
-                self.store.save(job)
-            self.jobs[job.id] = job
+        await asyncio.to_thread(self._load_jobs)
         await self.rig.open()
         self.rt.link.subscribe(self.rt.topics.topic(DAEMON, "cmd"), self._on_request)
         self._worker = asyncio.create_task(self._work(), name="microscope-jobs")
@@ -216,6 +215,30 @@ class Microscope:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.rig.close()
+
+    def _load_jobs(self) -> None:
+        for job_id in self.store.ids():
+            try:
+                job = self.store.load(job_id)
+            except StateCorrupt as exc:
+                log.error("job state unreadable; left on disk", error=str(exc))
+                continue
+            if job.status == "running":  # the daemon died mid-scan: carry on where it was
+                job.status = "queued"
+                job.resumes += 1
+                job.message = "resuming after a restart"
+                self.store.save(job)
+            self.jobs[job.id] = job
+            self._retire(job)
+
+    def _retire(self, job: JobState) -> None:
+        """Keep only a summary of a job nothing will change any more (delivery included)."""
+        if not job.finished or job.delivery == "spooled":
+            return
+        self.jobs.pop(job.id, None)
+        self.recent[job.id] = (job.finished_at, job.summary())
+        if len(self.recent) > self.cfg.recent_jobs:
+            del self.recent[min(self.recent, key=lambda job_id: self.recent[job_id][0])]
 
     def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -270,11 +293,14 @@ class Microscope:
             job.status = "failed"
             job.message = f"internal error in {job.phase}: {exc!r}; see the daemon log"
             await self._stop_stage()
+        job.finished_at = time.time()
         try:
             await self._save(job, durable=True)
         except OSError as exc:  # a full disk: the queue goes on; the file keeps the last state
             log.error("job state not saved", job=job.id, error=str(exc))
             await self.rt.publish_now(DAEMON, "state", self.progress(job), retain=True)
+            return  # in memory it is the only full record of the job: keep it there
+        self._retire(job)
 
     async def _run_phase(self, job: JobState, phase: str) -> None:
         """Run one phase. A controller that rebooted or was re-plugged (USB reset: position
@@ -547,7 +573,11 @@ class Microscope:
                                                                                    []):
                 job.delivery = "delivered"
                 job.message = "finished; delivered to the PACS after a retry"
-                self._spawn(self._save(job, durable=True), "job-delivered")
+                self._spawn(self._save_and_retire(job), "job-delivered")
+
+    async def _save_and_retire(self, job: JobState) -> None:
+        await self._save(job, durable=True)
+        self._retire(job)
 
     async def _phase_report(self, job: JobState) -> None:
         validation = await asyncio.to_thread(reports.validation_summary, self._dir(job) / "dicom")
@@ -613,12 +643,14 @@ class Microscope:
             reply: dict[str, Any] = {"ok": True, **await handler(request)}
         except JobError as exc:
             reply = {"ok": False, "error": str(exc), "field": exc.field, "kind": "invalid"}
+        except StateCorrupt as exc:  # a ValueError, but the daemon's file, not the request
+            reply = {"ok": False, "error": str(exc), "kind": "failed"}
         except (ValueError, TypeError) as exc:
             reply = {"ok": False, "error": f"malformed request: {exc}", "kind": "invalid"}
         except StageError as exc:
             reply = {"ok": False, "error": f"stage: {exc}; run `medge stage home`",
                      "kind": "stage"}
-        except (CameraError, StateCorrupt, scan.ScanError) as exc:
+        except (CameraError, scan.ScanError) as exc:
             reply = {"ok": False, "error": str(exc), "kind": "failed"}
         except TimeoutError:  # waiting for the stage link (camera timeouts are CameraErrors)
             reply = {"ok": False, "error": "the stage controller is not connected; check its "
@@ -648,13 +680,18 @@ class Microscope:
                 "stage.where": self._stage_where, "camera.list": self._camera_list,
                 "camera.snapshot": self._camera_snapshot}
 
-    def _job(self, request: dict[str, Any]) -> JobState:
+    async def _job(self, request: dict[str, Any]) -> JobState:
+        """A job that can change, from memory; a finished one, from its state file."""
         job_id = request.get("job")
         if not isinstance(job_id, str):
             raise JobError("job", "required: the job id")
-        if job_id not in self.jobs:
-            raise JobError("job", f"no job {job_id} (see `medge scan list`)")
-        return self.jobs[job_id]
+        if job_id in self.jobs:
+            return self.jobs[job_id]
+        try:
+            stored = await asyncio.to_thread(self.store.load, job_id)
+        except JobError:
+            raise JobError("job", f"no job {job_id} (see `medge scan list`)") from None
+        return self.jobs.get(job_id, stored)  # resumed by another request while reading
 
     async def _submit(self, request: dict[str, Any]) -> dict[str, Any]:
         destinations = set(self.pacs.destinations) if self.pacs is not None else set()
@@ -686,39 +723,45 @@ class Microscope:
         if request.get("job") is None:
             active = self.current or self._next_job()
             if active is None:
-                recent = sorted(self.jobs.values(), key=lambda j: j.created_at)
-                return {"job": self.progress(recent[-1]) if recent else None}
+                newest = max(self._summaries(), key=lambda s: s["created_at"], default=None)
+                return {"job": {**newest, "at": time.time()} if newest else None}
             return {"job": self.progress(active)}
-        return {"job": self.progress(self._job(request))}
+        return {"job": self.progress(await self._job(request))}
+
+    def _summaries(self) -> list[dict[str, Any]]:
+        return [*(summary for _, summary in self.recent.values()),
+                *(job.summary() for job in self.jobs.values())]
 
     async def _list(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"jobs": [job.summary() for job in
-                         sorted(self.jobs.values(), key=lambda j: j.created_at)]}
+        return {"jobs": sorted(self._summaries(), key=lambda s: s["created_at"])}
 
     async def _cancel_job(self, request: dict[str, Any]) -> dict[str, Any]:
-        job = self._job(request)
+        job = await self._job(request)
         if job.finished:
             raise JobError("job", f"job {job.id} is already {job.status}")
         if job is self.current:
             self._cancel.add(job.id)
             return {"job": job.summary(), "note": "cancelling after the current tile"}
         job.status, job.message = "cancelled", "cancelled before it started"
-        await self._save(job, durable=True)
+        job.finished_at = time.time()
+        await self._save_and_retire(job)
         return {"job": job.summary()}
 
     async def _resume(self, request: dict[str, Any]) -> dict[str, Any]:
-        job = self._job(request)
+        job = await self._job(request)
         if job.status not in ("failed", "cancelled"):
             raise JobError("job", f"job {job.id} is {job.status}; only a failed or cancelled "
                                   "job can be resumed")
         job.status, job.message = "queued", "resume requested"
         job.resumes += 1
+        self.recent.pop(job.id, None)
+        self.jobs[job.id] = job
         await self._save(job, durable=True)
         self._wake.set()
         return {"job": job.summary()}
 
     async def _report(self, request: dict[str, Any]) -> dict[str, Any]:
-        job = self._job(request)
+        job = await self._job(request)
         if not job.report:
             raise JobError("job", f"job {job.id} has no report yet (it is {job.status}"
                                   f"{', in ' + job.phase if job.phase else ''})")
@@ -809,7 +852,7 @@ async def main(cfg: MicroscopeConfig, service: Service) -> None:
     async with Runtime(cfg, DAEMON) as rt:
         microscope = Microscope(cfg, rt)
         await microscope.start()
-        service.ready(f"{len(microscope.jobs)} jobs known")
+        service.ready(f"{len(microscope.jobs)} jobs to run or deliver")
         try:
             await service.stopping.wait()
         finally:

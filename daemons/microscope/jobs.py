@@ -145,6 +145,8 @@ class JobState:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per phase (summed over resumes)."""
     resumes: int = 0
+    finished_at: float = 0.0
+    """Wall time it last finished (0: not yet): ``medge scan list`` shows the newest."""
     delivery: str = ""
     """none | delivered | spooled | failed (PACS); empty until the delivery phase."""
     report: dict[str, Any] = field(default_factory=dict)
@@ -232,18 +234,11 @@ class JobStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise StateCorrupt(f"{path}: unreadable job state: {exc}") from exc
 
-    def load_all(self) -> tuple[list[JobState], list[str]]:
-        """Every job, oldest first, and one message per state file that could not be read."""
-        jobs: list[JobState] = []
-        problems: list[str] = []
-        for directory in sorted(self.root.iterdir()):
-            if not (directory / "state.json").exists() or not JOB_ID.match(directory.name):
-                continue
-            try:
-                jobs.append(self.load(directory.name))
-            except StateCorrupt as exc:
-                problems.append(str(exc))
-        return jobs, problems
+    def ids(self) -> list[str]:
+        """Every stored job, oldest first (ids sort by submission time). Loaded one at a time
+        by the caller: a lab's whole history never has to fit in memory at once."""
+        return [directory.name for directory in sorted(self.root.iterdir())
+                if JOB_ID.match(directory.name) and (directory / "state.json").exists()]
 
 
 def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
