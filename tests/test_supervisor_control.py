@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemons.manipulator.control import ControlLoop
+from daemons.manipulator.control import ControlLoop, RecentSamples
 from daemons.manipulator.kinematics import HolderKinematics, Twist
 from daemons.manipulator.supervisor import ArmState, Reason, Setpoint, Status, SupervisorConfig
 from drivers.dynamixel import DynamixelBus, DynamixelChain
@@ -325,3 +325,14 @@ async def test_reset_after_a_servo_power_cycle_holds_where_the_servos_stand(
         moved = [s for s in m.sim.motion_log if s.time > reset_at and any(s.velocities)]
         assert not moved, f"servos moved after the reset with no setpoint: {moved[0]}"
         assert all(servo.torque_on for servo in m.sim.servos)
+
+
+def test_the_loop_statistics_hold_the_newest_samples_in_a_fixed_buffer() -> None:
+    samples = RecentSamples(3)
+    assert samples.values() == []
+    for value in (1.0, 2.0):
+        samples.append(value)
+    assert sorted(samples.values()) == [1.0, 2.0]
+    for value in (3.0, 4.0, 5.0):
+        samples.append(value)
+    assert sorted(samples.values()) == [3.0, 4.0, 5.0]

@@ -12,8 +12,8 @@ kept, so the period jitter can be reported (p50 / p99) on the state topic and in
 
 from __future__ import annotations
 
+import array
 import asyncio
-import collections
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +54,28 @@ class LoopStats:
     cycle_max_s: float
 
 
+STATS_WINDOW = 60_000
+"""Cycles the loop statistics cover: ten minutes at 100 Hz."""
+
+
+class RecentSamples:
+    """The last ``size`` values, in a buffer filled with zeros once at start: the statistics
+    take their memory when the daemon starts, not over a session's first ten minutes (a
+    deque of floats grew ~4 MB there, which the soak could not tell from a leak)."""
+
+    def __init__(self, size: int) -> None:
+        self._buffer = array.array("d", [0.0]) * size
+        self._written = 0
+
+    def append(self, value: float) -> None:
+        self._buffer[self._written % len(self._buffer)] = value
+        self._written += 1
+
+    def values(self) -> list[float]:
+        """The samples held, in no particular order (statistics need none)."""
+        return self._buffer[:min(self._written, len(self._buffer))].tolist()
+
+
 def _percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return 0.0
@@ -89,8 +111,8 @@ class ControlLoop:
         """``clock()`` at the end of the last cycle: the daemon watches it for a stalled loop."""
         self.last_states: list[ServoState] = []
         self._supervisor: Supervisor | None = None
-        self._lateness: collections.deque[float] = collections.deque(maxlen=60_000)
-        self._cycle_times: collections.deque[float] = collections.deque(maxlen=60_000)
+        self._lateness = RecentSamples(STATS_WINDOW)
+        self._cycle_times = RecentSamples(STATS_WINDOW)
         self._overruns = 0
         self._last_bus_traffic: float | None = None
         """When the servos last heard from us (their watchdog counts from there)."""
@@ -222,7 +244,7 @@ class ControlLoop:
         return True
 
     def stats(self) -> LoopStats:
-        lateness, cycles = list(self._lateness), list(self._cycle_times)
+        lateness, cycles = self._lateness.values(), self._cycle_times.values()
         return LoopStats(
             cycles=len(cycles),
             overruns=self._overruns,
