@@ -38,7 +38,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim
+from bench.parts import Check, DaemonProcess, Fault, Recovered, Shared, Sim, unit_nice
 from daemons.manipulator.daemon import ManipulatorConfig
 from daemons.manipulator.kinematics import Twist
 from daemons.manipulator.teleop_protocol import RobotTopics
@@ -392,11 +392,13 @@ class RobotPart:
         self.shared = shared
         self.work = shared.work / self.name
         (self.work / "state").mkdir(parents=True, exist_ok=True)
+        servo_priority = unit_nice(self.daemon)  # the servos and load cell have their own MCUs
         self.sims = {
             "bus": Sim("dynamixel", ("--motion-log", str(self.motion_log),
                                      "--motion-log-every", "0.25"),
-                       log=self.work / "sim-dynamixel.log"),
-            "force": Sim("force", ("--force", "2.0"), log=self.work / "sim-force.log"),
+                       log=self.work / "sim-dynamixel.log", nice=servo_priority),
+            "force": Sim("force", ("--force", "2.0"), log=self.work / "sim-force.log",
+                         nice=servo_priority),
         }
         for sim in self.sims.values():
             sim.start()

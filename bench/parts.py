@@ -90,6 +90,27 @@ def make_part(name: str) -> Part:
     return part
 
 
+UNITS = Path(__file__).parents[1] / "systemd"
+
+
+def unit_nice(daemon: str) -> int:
+    """``Nice=`` of the daemon's systemd unit (0 if it sets none): the bench runs a daemon at
+    the priority it has when deployed."""
+    for unit in (UNITS / f"medge-{daemon}.service", UNITS / f"medge-{daemon}@.service"):
+        if unit.exists():
+            for line in unit.read_text().splitlines():
+                if line.startswith("Nice="):
+                    return int(line.removeprefix("Nice="))
+    return 0
+
+
+def medge_command(*args: str, nice: int = 0) -> list[str]:
+    """``medge ARGS`` with this interpreter, under ``nice -n`` when ``nice`` is set (a
+    negative value needs root; otherwise nice(1) says so in the log and runs it unchanged)."""
+    command = [sys.executable, "-m", "medge.cli", *args]
+    return ["nice", "-n", str(nice), *command] if nice else command
+
+
 @dataclass
 class Sim:
     """A device simulator process (``medge sim NAME``) on a fixed port, so that it can die and
@@ -100,6 +121,9 @@ class Sim:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    nice: int = 0
+    """A simulator standing for a device's own microcontroller gets the daemon's priority: real
+    servos are not starved by the host's load."""
     _started: bool = False
 
     def start(self, *extra: str) -> None:
@@ -121,8 +145,8 @@ class Sim:
             output = (subprocess.DEVNULL if self.log is None
                       else stack.enter_context(self.log.open("ab")))
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "medge.cli", "sim", self.name, "--listen",
-                 f"tcp://127.0.0.1:{self.port}", *self.args, *extra],
+                medge_command("sim", self.name, "--listen", f"tcp://127.0.0.1:{self.port}",
+                              *self.args, *extra, nice=self.nice),
                 stdout=output, stderr=output)
         try:
             wait_for_port(self.port, timeout=60, proc=self.proc)  # slow start on a busy box
@@ -158,8 +182,10 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it at its unit's priority (``Nice=``), as systemd would."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medge.cli", "run", self.name, "--config", str(self.config)],
+            medge_command("run", self.name, "--config", str(self.config),
+                          nice=unit_nice(self.name)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         threading.Thread(target=_copy, args=(self.proc.stdout, self.log), daemon=True).start()

@@ -246,3 +246,14 @@ async def run_and_hang(env: dict[str, str], notify_socket: NotifySocket, daemon:
     during_hang = notify_socket.messages[hang_begins:hang_ends]
     assert "WATCHDOG=1" not in during_hang, "a hung event loop must not ping the watchdog"
     return stderr
+
+
+def test_the_manipulator_runs_ahead_and_its_capture_threads_may_step_back() -> None:
+    """The control loop has 100 ms before the servos' bus watchdog stops the robot; the soak
+    on a busy box showed it starved. Its capture threads lower their own priority with
+    setpriority, which ``~@resources`` would refuse (EPERM) unless allowed again after it."""
+    d = directives(REPO / "systemd" / "medge-manipulator.service")
+    assert int(d["Nice"][0]) < 0
+    filters = d["SystemCallFilter"]
+    denied = next(i for i, entry in enumerate(filters) if "@resources" in entry)
+    assert any("setpriority" in entry.split() for entry in filters[denied + 1:])
