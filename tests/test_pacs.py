@@ -239,6 +239,34 @@ async def test_deliver_retries_until_the_pacs_answers(
     assert spool.jobs() == []
 
 
+async def test_a_wall_clock_stepped_back_does_not_hold_a_retry_for_the_step(
+    series: WrittenSeries, tmp_path: Path
+) -> None:
+    """Due times are wall time (they outlive a restart); a clock stepped back an hour after a
+    failure must cost at most the longest backoff, not the hour (found planning bench/chaos's
+    host clock fault)."""
+    spool = Spool(tmp_path / "spool")
+    [job] = spool.enqueue(series.paths, "lab")
+    now = [1_800_000_000.0]
+    log: list[str] = []
+    delivered = asyncio.Event()
+    runner = delivery(spool, ScriptedSender(log, fail_after=0), ScriptedSender(log),
+                      clock=lambda: now[0],
+                      on_progress=lambda p: delivered.set() if p.confirmed == p.total else None)
+    assert not await runner.attempt(job)
+    assert runner.wait_s(job) == pytest.approx(FAST_RETRY.delay(1))
+    now[0] -= 3600.0  # NTP steps the clock back an hour
+    assert runner.wait_s(job) == 0.0
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop, idle_s=60.0))
+    try:
+        await asyncio.wait_for(delivered.wait(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert spool.jobs() == []
+
+
 async def test_permanent_failure_keeps_the_data_and_stops_retrying(
     series: WrittenSeries, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ class SpoolDelivery:
         sender_factory: SenderFactory = make_sender,
         on_progress: Callable[[Progress], None] | None = None,
         on_failure: Callable[[SpoolJob, PacsError], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
         self.destinations = destinations
@@ -55,7 +56,16 @@ class SpoolDelivery:
         self.sender_factory = sender_factory
         self.on_progress = on_progress
         self.on_failure = on_failure
+        self.clock = clock
+        """Wall time: the due times live in the spool and must mean the same after a restart."""
         self._wake = asyncio.Event()
+
+    def wait_s(self, job: SpoolJob) -> float:
+        """Seconds until ``job`` is due. Never more than the longest backoff: a due time further
+        away than that was computed before the wall clock stepped back (NTP fixing a wrong
+        RTC), and waiting for it would hold a slide back for as long as the step."""
+        ahead = job.next_attempt_at - self.clock()
+        return 0.0 if ahead > self.retry.max_s else max(0.0, ahead)
 
     async def attempt(self, job: SpoolJob) -> bool:
         """One delivery attempt. True: every instance confirmed and the job removed; False: a
@@ -68,7 +78,7 @@ class SpoolDelivery:
         except TransientPacsError as exc:
             job.failures += 1
             job.last_error = str(exc)
-            job.next_attempt_at = time.time() + self.retry.delay(job.failures)
+            job.next_attempt_at = self.clock() + self.retry.delay(job.failures)
             self.spool.save(job)
             log.warning("pacs_delivery_retry", job=job.job_id, error=str(exc),
                         failures=job.failures, retry_in_s=self.retry.delay(job.failures))
@@ -113,7 +123,7 @@ class SpoolDelivery:
         tests; the daemon uses :meth:`run`). Raises PermanentPacsError."""
         delivered = await self.attempt(job)
         while not delivered:
-            await asyncio.sleep(max(0.0, job.next_attempt_at - time.time()))
+            await asyncio.sleep(self.wait_s(job))
             delivered = await self.attempt(job)
 
     def wake(self) -> None:
@@ -126,16 +136,15 @@ class SpoolDelivery:
         while not stop.is_set():
             self._wake.clear()
             jobs = [job for job in self.spool.jobs() if job.state == "pending"]
-            now = time.time()
             for job in jobs:
-                if job.next_attempt_at <= now and not stop.is_set():
+                if self.wait_s(job) == 0.0 and not stop.is_set():
                     try:
                         await self.attempt(job)
                     except PermanentPacsError:
                         continue  # logged and kept; other jobs go on
             pending = [job for job in self.spool.jobs() if job.state == "pending"]
-            due = min((job.next_attempt_at for job in pending), default=now + idle_s)
-            await _wait_any(stop, self._wake, max(0.0, due - time.time()))
+            await _wait_any(stop, self._wake,
+                            min((self.wait_s(job) for job in pending), default=idle_s))
 
 
 async def _wait_any(first: asyncio.Event, second: asyncio.Event, timeout: float) -> None:
