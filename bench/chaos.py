@@ -4,7 +4,8 @@ real Orthanc, with faults injected on one schedule; at the end the invariants ar
 table printed (docs/reliability.md).
 
 Shared faults (the rig's): broker restart, broker unreachable for ``--outage`` s, PACS down
-(Orthanc stopped, back on the same ports after ``--pacs-outage`` s). Each part adds its own
+(Orthanc stopped, back on the same ports after ``--pacs-outage`` s) and, with ``--host-clock``,
+the machine's wall clock stepped an hour ahead and back. Each part adds its own
 (SIGKILL of its daemon, serial unplug, stalled or noisy devices, disk nearly full, clock
 jump...); the schedule interleaves them: shared, part 1, part 2, ..., shared, ...
 
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -122,12 +123,45 @@ async def pacs_down(rig: Rig, args: argparse.Namespace) -> float:
     return float(args.pacs_outage)
 
 
+CLOCK_STEP_S = 3600.0
+CAP_SYS_TIME = 25
+
+
+def can_step_clock() -> bool:
+    """CAP_SYS_TIME in this process's effective set (root on a VM, rarely in a container)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_TIME & 1)
+    return False
+
+
+@contextlib.contextmanager
+def wall_clock_stepped(seconds: float) -> Iterator[None]:
+    """The machine's real clock stepped by ``seconds``, then set back to the true time, taken
+    from the monotonic clock (which a step does not move): the box ends on the right time."""
+    true_then, monotonic_then = time.time(), time.monotonic()
+    time.clock_settime(time.CLOCK_REALTIME, true_then + seconds)
+    try:
+        yield
+    finally:
+        time.clock_settime(time.CLOCK_REALTIME, true_then + time.monotonic() - monotonic_then)
+
+
+async def host_clock_jump(rig: Rig, args: argparse.Namespace) -> float:
+    """The wall clock an hour ahead for ``--settle`` s, then back (an RTC that lost its battery,
+    then NTP stepping it): every daemon, the broker and the PACS see both steps."""
+    with wall_clock_stepped(CLOCK_STEP_S):
+        await asyncio.sleep(args.settle)
+    return float(args.settle)
+
+
 SharedFault = Callable[[Rig, argparse.Namespace], Awaitable[float]]
 """Injects a fault of the shared services and ends it; returns how long it lasted."""
 
 SHARED_FAULTS: list[tuple[str, SharedFault]] = [
     ("broker restart", broker_restart), ("broker unreachable", broker_outage),
     ("PACS down", pacs_down)]
+HOST_CLOCK_FAULT: tuple[str, SharedFault] = ("host clock +1 h, then back", host_clock_jump)
 
 
 class EveryPartWorking:
@@ -166,9 +200,10 @@ def interleave(*lists: Sequence[T]) -> list[T]:
     return out
 
 
-def schedule(rig: Rig) -> list[tuple[str, str, Fault]]:
+def schedule(rig: Rig, host_clock: bool) -> list[tuple[str, str, Fault]]:
     """(owner, kind, fault): the shared faults interleaved with every part's own."""
-    shared = [("shared", kind, shared_fault(rig, action)) for kind, action in SHARED_FAULTS]
+    shared = [("shared", kind, shared_fault(rig, action))
+              for kind, action in [*SHARED_FAULTS, *([HOST_CLOCK_FAULT] if host_clock else [])]]
     own = [[(part.name, kind, fault) for kind, fault in part.faults()] for part in rig.parts]
     return interleave(shared, *own)
 
@@ -366,7 +401,7 @@ async def campaign(args: argparse.Namespace) -> bool:
         loads = run_loads(rig.parts)
         await asyncio.sleep(args.settle)  # every part working before the first fault
         for _ in range(args.rounds):
-            for owner, kind, fault in schedule(rig):
+            for owner, kind, fault in schedule(rig, args.host_clock):
                 outcomes.append(await inject(owner, kind, fault, args))
                 await asyncio.sleep(args.settle)
         tallies, checks = await wind_down(rig, loads, args.settle_timeout,
@@ -433,7 +468,14 @@ def main() -> int:
                         help="seconds for the parts' workloads to come to rest (default 180)")
     parser.add_argument("--rate", type=float, default=120.0,
                         help="times the realistic device pace (default 120: many messages)")
-    return 0 if asyncio.run(campaign(parser.parse_args())) else 1
+    parser.add_argument("--host-clock", action="store_true",
+                        help="also step the machine's wall clock an hour ahead and back (needs "
+                             "CAP_SYS_TIME; off by default: it moves the clock of everything "
+                             "on the machine, restored from the monotonic clock)")
+    args = parser.parse_args()
+    if args.host_clock and not can_step_clock():
+        parser.error("--host-clock: this process may not set the clock (no CAP_SYS_TIME)")
+    return 0 if asyncio.run(campaign(args)) else 1
 
 
 if __name__ == "__main__":
