@@ -156,6 +156,8 @@ pacs_file = "pacs.toml"
 delivery_wait_s = 5.0
 disk_reserve_mb = 1.0
 focus_points = 3
+# an hour's soak finishes ~60 slides: past this many the daemon holds no more (its steady state)
+recent_jobs = 20
 [microscope.stage]
 port = "{self.grbl.url}"
 slide_origin_um = [-10000.0, -10000.0]
