@@ -16,7 +16,7 @@ from fhir.resources.R4B.observation import Observation
 
 from daemons.gateway import enrolment
 from daemons.gateway.clock import ClockTracker, localize
-from daemons.gateway.daemon import CONFIG
+from daemons.gateway.daemon import CONFIG, publish_due
 from daemons.gateway.observations import Context, codes_from_strings, observations
 from daemons.gateway.status_page import StatusBoard, StatusPage
 from drivers.measurement import Measurement, Reading, Samples
@@ -298,3 +298,17 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert {d.driver for d in cfg.gateway.devices} == {
         "cms50", "modbus", "urine-astm", "urine-printout", "uroflow"}
     assert os.path.isabs(str(cfg.gateway.devices[1].map))
+
+
+def test_readings_are_published_at_their_pace_and_after_the_clock_steps_back() -> None:
+    last: dict[str, datetime] = {}
+    t0 = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    assert publish_due(last, "oximeter", 6.0, t0)
+    assert not publish_due(last, "oximeter", 6.0, t0 + timedelta(seconds=5))
+    assert publish_due(last, "oximeter", 6.0, t0 + timedelta(seconds=6))
+    back = t0 - timedelta(hours=1)  # NTP steps the clock back an hour
+    assert publish_due(last, "oximeter", 6.0, back)
+    assert not publish_due(last, "oximeter", 6.0, back + timedelta(seconds=1))
+    assert publish_due(last, "urine", 0.0, t0)  # every strip, whatever the clock does
+    assert publish_due(last, "urine", 0.0, back)
+    assert publish_due(last, "urine", 0.0, back)
