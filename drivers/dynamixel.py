@@ -158,8 +158,12 @@ class DynamixelBus:
         self._last_sent_at: float | None = None
         self._longest_silence = 0.0
 
-    async def _receive(self, expected_id: int, instruction: Instruction) -> StatusPacket:
-        """Read the next status packet from ``expected_id``, skipping noise before a header."""
+    async def _receive(self, expected_id: int, instruction: Instruction,
+                       reply_length: int | None) -> StatusPacket:
+        """Read the next status packet from ``expected_id``, skipping noise before a header
+        and a good reply of another length than ``reply_length``: a late answer to an earlier
+        transaction that timed out (Protocol 2.0 has no sequence numbers; without this, one
+        late state reply failed the next, shorter, read and latched an E-stop)."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 while True:
@@ -171,7 +175,9 @@ class DynamixelBus:
                         continue  # a header-like byte run inside noise; resynchronise
                     packet = prefix + await self.link.read_exactly(total - len(prefix))
                     status = proto.decode_status(packet)
-                    if status.servo_id == expected_id:
+                    stale = (reply_length is not None and status.code is StatusErrorCode.NONE
+                             and len(status.params) != reply_length)
+                    if status.servo_id == expected_id and not stale:
                         return status
         except TimeoutError:
             raise DynamixelTimeout(
@@ -182,9 +188,11 @@ class DynamixelBus:
             raise _link_error(self.link.url, exc) from exc
 
     async def _transact(
-        self, servo_id: int, instruction: Instruction, params: bytes, reply_ids: Sequence[int]
+        self, servo_id: int, instruction: Instruction, params: bytes, reply_ids: Sequence[int],
+        reply_length: int | None = None,
     ) -> list[StatusPacket]:
-        """Send one instruction and collect one status packet per id in ``reply_ids``."""
+        """Send one instruction and collect one status packet per id in ``reply_ids`` (with
+        ``reply_length`` parameter bytes, if given)."""
         packet = proto.encode_instruction(servo_id, instruction, params)
         async with self._lock:
             for attempt in range(self.retries + 1):
@@ -192,7 +200,8 @@ class DynamixelBus:
                 self._note_sending()
                 try:
                     await self.link.write(packet)
-                    replies = [await self._receive(rid, instruction) for rid in reply_ids]
+                    replies = [await self._receive(rid, instruction, reply_length)
+                               for rid in reply_ids]
                 except (LinkError, ConnectionError) as exc:
                     raise _link_error(self.link.url, exc) from exc
                 except (DynamixelTimeout, CrcMismatch):
@@ -232,7 +241,7 @@ class DynamixelBus:
 
     async def read_bytes(self, servo_id: int, address: int, length: int) -> StatusPacket:
         params = proto.read_params(address, length)
-        (reply,) = await self._transact(servo_id, Instruction.READ, params, [servo_id])
+        (reply,) = await self._transact(servo_id, Instruction.READ, params, [servo_id], length)
         if len(reply.params) != length:
             raise PacketError(f"servo {servo_id}: read {len(reply.params)} of {length} bytes")
         return reply
@@ -251,7 +260,8 @@ class DynamixelBus:
         self, address: int, length: int, servo_ids: Sequence[int]
     ) -> dict[int, StatusPacket]:
         params = proto.sync_read_params(address, length, servo_ids)
-        replies = await self._transact(BROADCAST_ID, Instruction.SYNC_READ, params, servo_ids)
+        replies = await self._transact(BROADCAST_ID, Instruction.SYNC_READ, params, servo_ids,
+                                       length)
         for reply in replies:
             if len(reply.params) != length:
                 raise PacketError(f"servo {reply.servo_id}: sync read returned "
@@ -337,6 +347,16 @@ class JointServos(abc.ABC):
         (0 if the backend cannot tell)."""
         return 0.0
 
+    async def tripped_watchdogs(self) -> list[int]:
+        """The servos whose device watchdog has tripped (they hold still and ignore goals
+        until re-enabled), as the servos themselves report it; [] if the backend cannot tell.
+        Our own silence does not show every trip: the servos count from the packets they
+        *received*, and a bus or bridge that held ours back trips them all the same."""
+        return await self._do_tripped_watchdogs()
+
+    async def _do_tripped_watchdogs(self) -> list[int]:
+        return []
+
     async def clear_faults(self) -> list[int]:
         """Clear latched hardware errors (a reboot on Dynamixel); return the ids that had one.
 
@@ -410,6 +430,12 @@ class DynamixelChain(JointServos):
 
     async def _do_disable(self) -> None:
         await self._sync_all(XM430.TORQUE_ENABLE, 0)
+
+    async def _do_tripped_watchdogs(self) -> list[int]:
+        register = XM430.BUS_WATCHDOG
+        replies = await self.bus.sync_read(register.address, register.size, self.servo_ids)
+        return [servo_id for servo_id in self.servo_ids
+                if replies[servo_id].params[0] == WATCHDOG_TRIPPED]
 
     async def _do_clear_faults(self) -> list[int]:
         faulted = [state.servo_id for state in await self.read_states() if state.faulted]

@@ -22,10 +22,12 @@ from drivers.dynamixel import (
     ticks_to_rad,
 )
 from drivers.dynamixel_protocol import (
+    BROADCAST_ID,
     CrcMismatch,
     Instruction,
     StatusErrorCode,
     encode_instruction,
+    sync_read_params,
     sync_write_params,
 )
 from drivers.force_sensor import parse_line
@@ -348,3 +350,15 @@ def test_cli_refuses_load_cell_without_the_five_servos(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         main(["sim", "dynamixel", "--pty", "--ids", "1,2", "--force-pty"])
     assert exited.value.code not in (0, None)
+
+
+async def test_a_late_reply_to_an_earlier_read_is_skipped_by_the_next_read() -> None:
+    """Protocol 2.0 has no sequence numbers: a retried read leaves a second set of replies,
+    which arrives during the next transaction. A reply of another length is that late answer,
+    not ours (seen as "sync read returned 21 of 1 bytes" and an E-stop under load)."""
+    async with rig() as (_sim, bus):
+        earlier = encode_instruction(BROADCAST_ID, Instruction.SYNC_READ,
+                                     sync_read_params(126, 21, IDS))
+        await bus.link.write(earlier)  # its replies are not read: they come in late
+        replies = await bus.sync_read(XM430.BUS_WATCHDOG.address, 1, IDS)
+        assert sorted(replies) == IDS and all(len(r.params) == 1 for r in replies.values())
