@@ -777,7 +777,7 @@ class RobotPart:
                 if isinstance(record, dict) and record.get("event") in DAEMON_ALARMS:
                     alarms[record["event"]] += 1
                     first.setdefault("first", {k: record.get(k) for k in
-                                               ("event", "task", "error", "stack", "timestamp")})
+                                               ("event", "task", "error", "awaiting", "timestamp")})
         return Check(self.name, "control loop never stalled, no daemon task died", not alarms,
                      f"{dict(alarms)}; {first.get('first')}" if alarms else "none")
 

@@ -153,7 +153,7 @@ def test_the_daemons_alarms_about_itself_fail_the_check(tmp_path: Path) -> None:
                    "a line that is not JSON\n")
     assert part._check_daemon_log().ok
     with log.open("a") as out:
-        out.write(json.dumps({"event": "control loop stalled", "stack": ["control.py:180 run"],
+        out.write(json.dumps({"event": "control loop stalled", "awaiting": ["control.py:180 run"],
                               "timestamp": "t"}) + "\n")
     check = part._check_daemon_log()
     assert not check.ok and "control loop stalled" in check.detail and "control.py" in check.detail

@@ -589,7 +589,7 @@ class ManipulatorDaemon:
             age = 0.0 if last is None else self.clock() - last
             if age > limit:
                 stalled.set("stalled", level="error", stalled_s=round(age, 3),
-                            done=task.done(), stack=_awaiting(task))
+                            done=task.done(), awaiting=_awaiting(task))
             else:
                 stalled.set("cycling")
 
