@@ -14,6 +14,11 @@ urine analyzer). Its workload is the devices' own pace; its faults:
 
 Recovery: the next observation of the affected device (any of the gateway's devices for the
 SIGKILL, the disk and the shared faults) at the hospital subscriber.
+
+End to end for the two urine analyzers (discrete results the device deletes once delivered):
+each simulator logs every strip it handed over (``--handed-over-log``), and every one must be
+among the observations the hospital subscriber received from that device (see
+``unreached_strips``) — the outbox accounting alone starts counting after the gateway.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import resource
 import signal
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,65 @@ REPO = Path(__file__).resolve().parent.parent
 VENT_MAP = REPO / "config" / "ventilators" / "home-ventilator.toml"
 DISK_FULL_BYTES = 4096
 """No file of the gateway may grow past this while the disk is "full" (its outbox is larger)."""
+URINE_DEVICES = ("urine-astm", "urine-printout")
+STRIPS_IN_FLIGHT_S = 15.0
+"""At the check, how long a strip handed over just before may take to reach the hospital."""
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """One line of a urine simulator's ``--handed-over-log``."""
+
+    strip: int
+    """The analyzer's number (restarts at 1 with the simulator)."""
+    wire: str
+    """The device time as the wire showed it."""
+    device_time: datetime
+    """``wire`` read as UTC (the gateway's default ``clock_timezone`` for naive device times)."""
+
+
+def read_handed_over(path: Path) -> list[HandedOver]:
+    """The strips a simulator handed over, in order; none if it never wrote the log; a line a
+    killed simulator left half-written is skipped."""
+    if not path.exists():
+        return []
+    strips = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            moment = datetime.strptime(entry["device_time"], entry["time_format"])
+            strips.append(HandedOver(int(entry["strip"]), entry["device_time"],
+                                     moment.replace(tzinfo=UTC)))
+    return strips
+
+
+def unreached_strips(handed_over: Sequence[HandedOver],
+                     received: Mapping[tuple[str, str], int]) -> list[HandedOver]:
+    """The handed-over strips missing from what the hospital received from the device.
+
+    The key is the device's own clock, which the gateway carries unchanged in every
+    Observation (the device-clock extension; ``effectiveDateTime`` is corrected by the
+    estimated clock offset, so a device clock jump moves it): ``received`` counts distinct
+    observations per (device time, code), the hospital's ``device_times[device]``. A strip
+    has one observation per pad, so the strips received at a device time are the most
+    observations of any one code there. The strip's number does not survive into the
+    Observation, and strips can share a device time (the Consult 120 prints minutes; an
+    analyzer that fell behind dates a batch at once), so strips are matched by count per
+    device time: the ones beyond what arrived are reported, in log order. A strip the gateway
+    stored twice (an ASTM session re-sent after its last ACK was lost) counts twice: it could
+    hide a loss only at the same device time."""
+    strips_at: Counter[datetime] = Counter()
+    for (stamp, _code), count in received.items():
+        with contextlib.suppress(ValueError):
+            moment = datetime.fromisoformat(stamp)
+            strips_at[moment] = max(strips_at[moment], count)
+    missing = []
+    for strip in handed_over:
+        if strips_at[strip.device_time] > 0:
+            strips_at[strip.device_time] -= 1
+        else:
+            missing.append(strip)
+    return missing
 
 
 class GatewayPart:
@@ -87,6 +155,9 @@ class GatewayPart:
         }
         for device, sim in self.sims.items():
             sim.log = self.state / f"sim-{device}.log"
+        for device in URINE_DEVICES:  # in the sim's args: kept when a fault restarts it
+            sim = self.sims[device]
+            sim.args = (*sim.args, "--handed-over-log", str(self.handed_over_log(device)))
         devices: dict[str, dict[str, Any]] = {
             "oximeter": {"driver": "cms50", "obs_interval_s": publish, "pleth_every_s": 0.0},
             "urine-astm": {"driver": "urine-astm"},
@@ -104,6 +175,9 @@ class GatewayPart:
             "[mqtt]\n", "[mqtt]\nreconnect_min = 0.5\nreconnect_max = 2.0\n"))
         self._process = DaemonProcess("gateway", config, shared.work / "gateway.log")
         self._process.start()
+
+    def handed_over_log(self, device: str) -> Path:
+        return self.state / f"handed-over-{device}.jsonl"
 
     def stop(self) -> None:
         if self._process is not None:
@@ -200,4 +274,29 @@ class GatewayPart:
                 self.name, "disk-full fault bit (outbox store failures logged, retried)",
                 store_failures > 0, f"{store_failures} failures logged over "
                 f"{self._disk_full_injected} injections"))
+        checks.append(await self.strips_check())
         return checks
+
+    async def strips_check(self) -> Check:
+        """Every strip the urine analyzers had handed over when the check began reached the
+        hospital (waiting up to ``STRIPS_IN_FLIGHT_S`` for the last ones)."""
+        handed = {device: read_handed_over(self.handed_over_log(device))
+                  for device in URINE_DEVICES}
+        deadline = time.monotonic() + STRIPS_IN_FLIGHT_S
+        while True:
+            missing = {device: unreached_strips(
+                strips, self.shared.hospital.device_times.get(device, Counter()))
+                for device, strips in handed.items()}
+            if not any(missing.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        parts = []
+        for device, strips in handed.items():
+            lost = missing[device]
+            text = f"{device} {len(strips) - len(lost)}/{len(strips)} reached"
+            if lost:
+                first = ", ".join(f"#{s.strip} ({s.wire})" for s in lost[:5])
+                text += f", {len(lost)} missing: {first}{', ...' if len(lost) > 5 else ''}"
+            parts.append(text)
+        return Check(self.name, "every urine strip the analyzers handed over reached the hospital",
+                     not any(missing.values()), "; ".join(parts))

@@ -61,6 +61,7 @@ from paho.mqtt.properties import Properties
 from medge import topics
 from medge.localbroker import Mosquitto, free_port, wait_for_port
 from medge.localpacs import Orthanc
+from medge.telemetry import DEVICE_CLOCK_EXTENSION
 
 Recovered = Callable[[], Awaitable[None]]
 """Returns once the part works again after a fault (e.g. measurements reach the hospital, the
@@ -234,7 +235,9 @@ class Hospital:
 
     Counts every outbox message (those with a ``msg_id``) by ``msg_id`` and by (stream, seq),
     keeps the newest message per (device, kind) of every medge topic (outbox or not: live
-    state and health too), and wakes ``arrival()`` waiters: the parts' recovery probes."""
+    state and health too), counts the observations that carry the device's own clock per
+    (device time, code) (``device_times``), and wakes ``arrival()`` waiters: the parts'
+    recovery probes."""
 
     port: int
     identifier: str = "chaos-hospital"
@@ -247,6 +250,11 @@ class Hospital:
     """(device, kind) -> (monotonic receipt time, epoch sent, decoded message)."""
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon name -> its newest health body (``tasks``, ``outbox``, ``link``...)."""
+    device_times: dict[str, Counter[tuple[str, str]]] = field(
+        default_factory=lambda: defaultdict(Counter))
+    """Device -> (device clock as published, first code) -> distinct ``obs`` messages (by
+    ``msg_id``) whose Observation carries the device-clock extension: one key per reading of
+    a device that dates its results (urine strips), none for the oximeter or ventilator."""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: list[tuple[Callable[[str, str, float], bool], asyncio.Future[float]]] = field(
         default_factory=list)
@@ -280,6 +288,10 @@ class Hospital:
             self.seen[str(message["msg_id"])] += 1
             self.stream_of[str(message["msg_id"])] = str(message["stream"])
             self.by_stream[str(message["stream"])].add(int(message["seq"]))
+            if kind == "obs" and self.seen[str(message["msg_id"])] == 1:
+                key = _device_clock_key(message.get("body"))
+                if key is not None:
+                    self.device_times[device][key] += 1
         elif kind == "health" and isinstance(message, dict) and "daemon" in message:
             self.health[str(message["daemon"])] = message
         for waiter in [w for w in self._waiters if w[0](device, kind, sent)]:
@@ -316,6 +328,18 @@ class Hospital:
         finally:
             if waiter in self._waiters:  # cancelled (timed out) before a message came
                 self._waiters.remove(waiter)
+
+
+def _device_clock_key(body: Any) -> tuple[str, str] | None:
+    """(the device's own time, the first code) of an Observation body, None without them."""
+    if not isinstance(body, dict):
+        return None
+    times = [e.get("valueDateTime") for e in body.get("extension", ())
+             if isinstance(e, dict) and e.get("url") == DEVICE_CLOCK_EXTENSION]
+    with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
+        if isinstance(times[0], str):
+            return times[0], str(body["code"]["coding"][0]["code"])
+    return None
 
 
 def _sent_at(message: Any, received: float) -> float:

@@ -54,8 +54,12 @@ def build_frames(records: list[bytes], one_record_per_frame: bool = True) -> lis
     return frames
 
 
+TIME_FORMAT = "%Y%m%d%H%M%S"
+"""E1394 date and time, as the H, O and R records carry it."""
+
+
 def device_timestamp(moment: datetime) -> bytes:
-    return moment.strftime("%Y%m%d%H%M%S").encode()
+    return moment.strftime(TIME_FORMAT).encode()
 
 
 def astm_value(pad: PadResult) -> str:
@@ -117,7 +121,7 @@ class AstmUrineDevice:
         self.serial: str = args.serial
         self.one_record_per_frame: bool = args.frames == "record"
         self.timers = SenderTimers(args.ack_timeout, args.busy_retry, args.contention_delay)
-        self.strips = StripAnalyzer(args, self._message)
+        self.strips = StripAnalyzer(args, self._message, TIME_FORMAT)
         self.aborted_sessions = 0
 
     def _message(self, pads: list[PadResult], moment: datetime, number: int) -> list[bytes]:
@@ -132,8 +136,8 @@ class AstmUrineDevice:
             if not memory:
                 await self._idle(link, inbox, self.strips.seconds_to_next())
                 continue
-            if await self._send_session(link, inbox, memory[0]):
-                memory.popleft()
+            if await self._send_session(link, inbox, memory[0].rendered):
+                self.strips.handed_over(memory.popleft())  # every frame acknowledged
 
     async def _idle(self, link: DeviceLink, inbox: _Inbox, seconds: float) -> None:
         """Wait, refusing any host attempt to send (this analyzer takes no orders)."""

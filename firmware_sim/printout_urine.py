@@ -36,11 +36,14 @@ CLINITEK_LABELS = {"PH": "pH", "SG": "SG", "LEU": "LEU", "NIT": "NIT", "BLD": "O
                    "PRO": "PRO", "GLU": "GLU", "KET": "KET", "BIL": "BIL", "UBG": "UBG"}
 CLINITEK_ORDER = ["GLU", "BIL", "KET", "SG", "PH", "PRO", "UBG", "NIT", "BLD", "LEU"]
 CLINITEK_COLOURS = ["HELL GELB", "GELB", "DUNKELGELB", "STROHGELB"]
+CONSULT_TIME = "%d-%m-%Y %H:%M"
+CLINITEK_TIME = "%y%m%d%H%M"
+"""The device time as each dialect prints it (minutes; the Clinitek with a 2-digit year)."""
 
 
 def consult120_report(pads: list[PadResult], moment: datetime, number: int) -> bytes:
     by_code = {pad.code: pad for pad in pads}
-    lines = [f"ID:{number % 100}", f"Date:{moment:%d-%m-%Y %H:%M}", "Operator: 100",
+    lines = [f"ID:{number % 100}", f"Date:{moment.strftime(CONSULT_TIME)}", "Operator: 100",
              f"No. {100000 + number}"]
     for code in CONSULT_ORDER:
         pad = by_code[code]
@@ -81,7 +84,8 @@ def _clinitek_value(pad: PadResult) -> str:
 def clinitek50_report(pads: list[PadResult], moment: datetime, number: int, colour: str) -> bytes:
     """Clinitek 50 layout; the device clock's year is printed with two digits only."""
     by_code = {pad.code: pad for pad in pads}
-    lines = [f"6510  01.02 {moment:%y%m%d%H%M}", f"{number % 1000:03d} {colour}".ljust(18)]
+    lines = [f"6510  01.02 {moment.strftime(CLINITEK_TIME)}",
+             f"{number % 1000:03d} {colour}".ljust(18)]
     for code in CLINITEK_ORDER:
         pad = by_code[code]
         label = CLINITEK_LABELS[code] + ("*" if pad.abnormal else "")
@@ -94,7 +98,8 @@ class PrintoutUrineDevice:
     def __init__(self, args: argparse.Namespace) -> None:
         self.dialect: str = args.dialect
         self.nak_window: float = args.nak_window
-        self.strips = StripAnalyzer(args, self._report)
+        self.strips = StripAnalyzer(
+            args, self._report, CLINITEK_TIME if self.dialect == "clinitek50" else CONSULT_TIME)
 
     def _report(self, pads: list[PadResult], moment: datetime, number: int) -> bytes:
         if self.dialect == "clinitek50":
@@ -105,7 +110,9 @@ class PrintoutUrineDevice:
     @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
         """Print reports as they are due, each followed by ``nak_window`` of quiet; a NAK (at
-        any time, a Clinitek only) reprints the last report, up to 3 times."""
+        any time, a Clinitek only) reprints the last report, up to 3 times. A report is
+        handed over (``--handed-over-log``) once its first print was written: the analyzer
+        keeps no copy in its memory after that, only the last report for a reprint."""
         naks = asyncio.Queue[None]()
         listener = asyncio.create_task(self._listen(link, naks))
         last, reprints, quiet_until = b"", 0, 0.0
@@ -115,14 +122,17 @@ class PrintoutUrineDevice:
                 self.strips.read_due_strips()
                 now = time.monotonic()
                 if self.strips.memory and now >= quiet_until:
-                    last, reprints = self.strips.memory.popleft(), REPRINTS
+                    strip = self.strips.memory.popleft()
+                    last, reprints = strip.rendered, REPRINTS
+                    await link.write(last)
+                    self.strips.handed_over(strip)
                 else:
                     strips = self.strips
                     wait = quiet_until - now if strips.memory else strips.seconds_to_next()
                     if not await _nak_before(naks, wait) or not reprints:
                         continue
                     reprints -= 1
-                await link.write(last)
+                    await link.write(last)
                 quiet_until = time.monotonic() + window
         finally:
             listener.cancel()

@@ -7,12 +7,14 @@ for a kidney-stone patient (mostly normal, sometimes infected or bloody; clinica
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from firmware_sim.sim_options import add_clock_offset, non_negative, positive
@@ -60,19 +62,36 @@ def random_strip(rng: random.Random) -> list[PadResult]:
     ]
 
 
+@dataclass(frozen=True)
+class Strip(Generic[Rendered]):
+    """One result in the analyzer's memory: its number, its device time, its wire form."""
+
+    number: int
+    taken_at: datetime
+    """Device clock (naive) when the strip was read."""
+    rendered: Rendered
+
+
 class StripAnalyzer(Generic[Rendered]):
     """The analyzer's own life: a strip read every ``--every`` seconds (the first soon after
     start-up), rendered for the wire by ``render(pads, device_time, number)`` and kept in a
-    bounded result memory until sent; its clock runs ``--clock-offset`` away from UTC."""
+    bounded result memory until sent; its clock runs ``--clock-offset`` away from UTC.
+
+    ``wire_time_format`` is the strftime pattern of the device time as the wire shows it;
+    ``handed_over(strip)`` records, with ``--handed-over-log``, a strip the device considers
+    delivered and no longer keeps."""
 
     def __init__(
-        self, args: argparse.Namespace, render: Callable[[list[PadResult], datetime, int], Rendered]
+        self, args: argparse.Namespace,
+        render: Callable[[list[PadResult], datetime, int], Rendered], wire_time_format: str,
     ) -> None:
         self.every: float = args.every
         self.clock_offset = timedelta(seconds=args.clock_offset)
         self.rng = random.Random(getattr(args, "seed", None))
-        self.memory: deque[Rendered] = deque(maxlen=args.memory)
+        self.memory: deque[Strip[Rendered]] = deque(maxlen=args.memory)
         self.count = 0
+        self.wire_time_format = wire_time_format
+        self.handed_over_log: Path | None = getattr(args, "handed_over_log", None)
         self._render = render
         self._next = time.monotonic() + args.first_after
 
@@ -90,8 +109,21 @@ class StripAnalyzer(Generic[Rendered]):
         due = int(late // self.every) + 1
         for _ in range(min(due, self.memory.maxlen or due)):
             self.count += 1
-            self.memory.append(self._render(random_strip(self.rng), self.device_now(), self.count))
+            moment = self.device_now()
+            self.memory.append(Strip(self.count, moment,
+                                     self._render(random_strip(self.rng), moment, self.count)))
         self._next += due * self.every
+
+    def handed_over(self, strip: Strip[Rendered]) -> None:
+        """The device considers ``strip`` delivered and has deleted it from its memory: one
+        JSON line appended to ``--handed-over-log`` (if set), flushed at once."""
+        if self.handed_over_log is None:
+            return
+        line = json.dumps({"strip": strip.number,
+                           "device_time": strip.taken_at.strftime(self.wire_time_format),
+                           "time_format": self.wire_time_format})
+        with self.handed_over_log.open("a") as log:
+            log.write(line + "\n")
 
 
 def add_strip_arguments(parser: argparse.ArgumentParser, clock_note: str = "") -> None:
@@ -102,3 +134,9 @@ def add_strip_arguments(parser: argparse.ArgumentParser, clock_note: str = "") -
     parser.add_argument("--memory", type=int, default=100, metavar="N",
                         help="results kept until sent; the oldest is lost beyond (default 100)")
     add_clock_offset(parser, clock_note)
+    parser.add_argument(
+        "--handed-over-log", type=Path, metavar="PATH",
+        help="append one JSON line to PATH for every strip the analyzer considers delivered and "
+        "deletes from its memory: {\"strip\": N, \"device_time\": as on the wire, "
+        "\"time_format\": its strftime pattern}; flushed per line, appended across restarts "
+        "(strip numbers restart at 1), for end-to-end loss checks")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +245,29 @@ async def test_gateway_crash_before_storing_leaves_the_strip_with_the_analyzer()
         again = await take_after_reconnect(server.address)  # the gateway restarted
     assert specimen(lost) == specimen(again) == "S0001"
     assert lost.readings == again.readings
+
+
+async def test_handed_over_log_records_a_strip_once_every_frame_was_acknowledged(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "handed-over.jsonl"
+    device = astm_urine.AstmUrineDevice(sim_args("--every", "0.3", "--handed-over-log", str(log)))
+    async with connected(device) as link:
+        assert await read_frame_or_control(link) == ENQ
+        await link.write(ACK)
+        while await read_frame_or_control(link) != EOT:
+            await link.write(NAK)  # six failures: the session is aborted, the strip kept
+        assert await read_frame_or_control(link) == ENQ
+        assert not log.exists()
+        await link.write(ACK)
+        frames = []
+        while (data := await read_frame_or_control(link)) != EOT:
+            frames.append(data)
+            await link.write(ACK)
+        # the next strip's session begins only after strip 1 left the memory (and the log)
+        assert await read_frame_or_control(link) == ENQ
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    order = next(frame for frame in frames if frame[2:4] == b"O|")
+    assert order.split(b"|")[2] == b"S0001"
+    assert entry == {"strip": 1, "device_time": order.split(b"|")[7].decode(),  # O field 8
+                     "time_format": "%Y%m%d%H%M%S"}

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import OutboxSnapshot, colliding_streams, interleave, read_outbox, tally
+from bench.chaos_gateway import HandedOver, read_handed_over, unreached_strips
 from bench.parts import Hospital
 from bench.soak import slope_per_hour
 from medge.outbox import Outbox
 from medge.settings import OutboxSection
+from medge.telemetry import DEVICE_CLOCK_EXTENSION
 from medge.topics import Topics
 
 TOPIC = "medge/v1/site/node/{device}/{kind}"
@@ -121,3 +123,65 @@ async def test_a_timed_out_arrival_leaves_no_waiter_behind() -> None:
 def test_rss_slope_is_per_hour() -> None:
     assert slope_per_hour([(0, 100.0), (1800, 101.0), (3600, 102.0)]) == pytest.approx(2.0)
     assert slope_per_hour([(0, 100.0)]) == 0.0
+
+
+def strip_obs(stream: str, seq: int, msg_id: str, device_time: str | None,
+              code: str = "5803-2") -> bytes:
+    body: dict[str, object] = {"resourceType": "Observation",
+                               "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                               "effectiveDateTime": "2026-12-06T10:00:00.000Z"}
+    if device_time is not None:
+        body["extension"] = [{"url": DEVICE_CLOCK_EXTENSION, "valueDateTime": device_time}]
+    message = json.loads(envelope(stream, seq, msg_id))
+    return json.dumps({**message, "body": body}).encode()
+
+
+def test_hospital_counts_observations_by_device_clock_once_per_message() -> None:
+    hospital = Hospital(port=1)
+    urine = TOPIC.format(device="urine", kind="obs")
+    hospital.take(urine, strip_obs("urine/obs", 1, "m1", "2026-12-06T11:15:00.000Z"))
+    hospital.take(urine, strip_obs("urine/obs", 1, "m1", "2026-12-06T11:15:00.000Z"))  # again
+    hospital.take(urine, strip_obs("urine/obs", 2, "m2", "2026-12-06T11:15:00.000Z", "5811-5"))
+    hospital.take(urine, strip_obs("urine/obs", 3, "m3", "2026-12-06T11:15:00.000Z"))
+    hospital.take(TOPIC.format(device="spo2", kind="obs"), strip_obs("spo2/obs", 1, "m4", None))
+    hospital.take(TOPIC.format(device="urine", kind="alert"),
+                  strip_obs("urine/alert", 1, "m5", "2026-12-06T11:15:00.000Z"))
+
+    assert hospital.device_times == {"urine": {("2026-12-06T11:15:00.000Z", "5803-2"): 2,
+                                               ("2026-12-06T11:15:00.000Z", "5811-5"): 1}}
+
+
+def handed(strip: int, wire: str, fmt: str = "%d-%m-%Y %H:%M") -> HandedOver:
+    return HandedOver(strip, wire, datetime.strptime(wire, fmt).replace(tzinfo=UTC))
+
+
+def test_strips_sharing_a_device_time_are_matched_by_count() -> None:
+    """Three strips printed in one minute, two reached the hospital (two pH observations, one
+    of them for the third pad too): the third is missing; one at another minute arrived."""
+    strips = [handed(1, "06-12-2026 11:15"), handed(2, "06-12-2026 11:15"),
+              handed(3, "06-12-2026 11:15"), handed(4, "06-12-2026 11:16")]
+    received = {("2026-12-06T11:15:00.000Z", "5803-2"): 2,
+                ("2026-12-06T11:15:00.000Z", "5811-5"): 1,
+                ("2026-12-06T11:16:00.000Z", "5803-2"): 1}
+
+    assert unreached_strips(strips, received) == [strips[2]]
+    assert unreached_strips(strips, {}) == strips
+    assert unreached_strips([], received) == []
+
+
+def test_strips_match_on_the_device_clock_not_the_corrected_time() -> None:
+    """A device clock an hour ahead: the hospital's key is the device's time (as the
+    extension carries it), the wire's second resolution (ASTM) included."""
+    strip = handed(7, "20261206111500", "%Y%m%d%H%M%S")
+    assert unreached_strips([strip], {("2026-12-06T11:15:00.000Z", "5803-2"): 1}) == []
+    assert unreached_strips([strip], {("2026-12-06T10:15:00.000Z", "5803-2"): 1}) == [strip]
+    assert unreached_strips([strip], {("not a time", "5803-2"): 1}) == [strip]
+
+
+def test_handed_over_log_is_read_skipping_a_half_written_line(tmp_path: Path) -> None:
+    log = tmp_path / "handed-over.jsonl"
+    assert read_handed_over(log) == []
+    log.write_text('{"strip": 1, "device_time": "06-12-2026 11:15", "time_format": '
+                   '"%d-%m-%Y %H:%M"}\n{"strip": 2, "device_ti')
+
+    assert read_handed_over(log) == [handed(1, "06-12-2026 11:15")]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +281,24 @@ async def test_device_clock_years_off_is_kept_as_reported() -> None:
     assert measurement.device_time is not None
     ahead = measurement.device_time - measurement.received_at.replace(tzinfo=None)
     assert abs(ahead - timedelta(seconds=five_years)) < timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("dialect", ["consult120", "clinitek50"])
+async def test_handed_over_log_records_each_printed_report_as_printed(
+    dialect: str, tmp_path: Path,
+) -> None:
+    log = tmp_path / "handed-over.jsonl"
+    device = printout_urine.PrintoutUrineDevice(
+        sim_args("--dialect", dialect, "--every", "0.1", "--handed-over-log", str(log)))
+    server = SimulatorServer(device.serve, TCP)
+    async with server, SerialLink.open(server.address) as link:
+        measurements = await take(PrintoutUrineAnalyzer(link), 3)
+    # a report is logged once written, before the next one is: the first two are there
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["strip"] for e in entries[:2]] == [1, 2]
+    for entry, measurement in zip(entries[:2], measurements, strict=False):
+        assert measurement.device_time is not None
+        assert datetime.strptime(entry["device_time"], entry["time_format"]) == \
+            measurement.device_time
+        assert measurement.raw is not None and entry["device_time"].encode() in measurement.raw
+
