@@ -110,34 +110,45 @@ class PrintoutUrineDevice:
     @ends_on_unplug
     async def serve(self, link: DeviceLink) -> None:
         """Print reports as they are due, each followed by ``nak_window`` of quiet; a NAK (at
-        any time, a Clinitek only) reprints the last report, up to 3 times. A report is
-        handed over (``--handed-over-log``) once its first print was written: the analyzer
-        keeps no copy in its memory after that, only the last report for a reprint."""
+        any time, a Clinitek only) reprints the last report, up to 3 times. The session ends
+        as soon as the host hangs up, so that no report is printed into a line nobody reads
+        (and the next host may connect)."""
         naks = asyncio.Queue[None]()
         listener = asyncio.create_task(self._listen(link, naks))
+        printer = asyncio.create_task(self._print(link, naks))
+        try:
+            done, _ = await asyncio.wait({listener, printer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (listener, printer):
+                task.cancel()
+            for task in (listener, printer):
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await task
+        for task in done:
+            task.result()  # the host hung up (HostDisconnected), or a bug
+
+    async def _print(self, link: DeviceLink, naks: asyncio.Queue[None]) -> None:
+        """A report is handed over (``--handed-over-log``) once its first print was written:
+        the analyzer keeps no copy in its memory after that, only the last report for a
+        reprint. A print that failed (the host went away) leaves the report in the memory."""
         last, reprints, quiet_until = b"", 0, 0.0
         window = self.nak_window if self.dialect == "clinitek50" else 0.0
-        try:
-            while True:
-                self.strips.read_due_strips()
-                now = time.monotonic()
-                if self.strips.memory and now >= quiet_until:
-                    strip = self.strips.memory.popleft()
-                    last, reprints = strip.rendered, REPRINTS
-                    await link.write(last)
-                    self.strips.handed_over(strip)
-                else:
-                    strips = self.strips
-                    wait = quiet_until - now if strips.memory else strips.seconds_to_next()
-                    if not await _nak_before(naks, wait) or not reprints:
-                        continue
-                    reprints -= 1
-                    await link.write(last)
-                quiet_until = time.monotonic() + window
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await listener
+        while True:
+            self.strips.read_due_strips()
+            now = time.monotonic()
+            if self.strips.memory and now >= quiet_until:
+                strip = self.strips.memory[0]
+                await link.write(strip.rendered)
+                self.strips.handed_over(self.strips.memory.popleft())
+                last, reprints = strip.rendered, REPRINTS
+            else:
+                strips = self.strips
+                wait = quiet_until - now if strips.memory else strips.seconds_to_next()
+                if not await _nak_before(naks, wait) or not reprints:
+                    continue
+                reprints -= 1
+                await link.write(last)
+            quiet_until = time.monotonic() + window
 
     async def _listen(self, link: DeviceLink, naks: asyncio.Queue[None]) -> None:
         while True:

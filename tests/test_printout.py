@@ -302,3 +302,20 @@ async def test_handed_over_log_records_each_printed_report_as_printed(
             measurement.device_time
         assert measurement.raw is not None and entry["device_time"].encode() in measurement.raw
 
+
+async def test_a_host_that_hangs_up_ends_the_session_and_no_report_is_lost() -> None:
+    """A connection opened and closed at once (a port probe) must neither hold the line nor
+    swallow the next report: it ends the session, and the report waits for the next host."""
+    device = printout_urine.PrintoutUrineDevice(sim_args("--first-after", "1", "--every", "60"))
+    async with SimulatorServer(device.serve, TCP) as server:
+        host, port = server.address.removeprefix("socket://").rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(5):
+            while not (server.connections and server._active and server._active.done()):
+                await asyncio.sleep(0.01)
+        assert device.strips.count == 0  # the session ended before the first strip was due
+        async with SerialLink.open(server.address) as link:
+            (measurement,) = await take(PrintoutUrineAnalyzer(link), 1)
+    assert measurement.raw is not None and b"No. 100001" in measurement.raw
