@@ -169,8 +169,6 @@ class ControlLoop:
             self._last_bus_traffic = self.clock()
             read_ok = True
         self._check_bus_silence()
-        if read_ok:
-            await self._check_servo_watchdogs()
         output = supervisor.step(self.force_source(), [s.hardware_error for s in self.last_states])
         try:
             await self.servos.write_goals(self.kinematics.joints_to_servo(output.joint_goals))
@@ -184,6 +182,8 @@ class ControlLoop:
         self.last_output = output
         for listener in self.listeners:
             listener(output, self.last_states)
+        if read_ok:  # last: the extra read never delays a setpoint's way to the servos
+            await self._check_servo_watchdogs()
         return output
 
     def _check_watchdog_gap(self, now: float) -> None:
