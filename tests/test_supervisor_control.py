@@ -260,6 +260,18 @@ async def test_a_freeze_while_a_cycle_awaits_the_bus_latches_estop() -> None:
         assert m.sim.watchdog_trips, "the servos did trip"
 
 
+async def reset_rearm_and_move(m: Manipulator) -> None:
+    """After a watchdog E-stop: reset (refused while the commanded stop still decelerates),
+    re-arm, and the robot follows the operator again."""
+    async with asyncio.timeout(5):
+        while not (await m.loop.reset()).granted:
+            await asyncio.sleep(0.05)
+    assert m.loop.arm("alice").granted
+    start_x = m.world.tip_and_axis()[0][0]
+    async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
+        await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)
+
+
 async def test_servos_that_tripped_while_every_packet_left_on_time_latch_estop() -> None:
     """Found by the chaos campaign: after the bus simulator restarted, all five servos tripped
     their watchdog although the daemon sent every cycle on time (the servos count from what
@@ -273,13 +285,7 @@ async def test_servos_that_tripped_while_every_packet_left_on_time_latch_estop()
             m.sim.clock = lambda: sim_clock() + 0.3  # the bus's time jumps past the watchdog
             await wait_for(lambda: Reason.ESTOP_SERVO_WATCHDOG in m.status_reasons())
             assert m.sim.watchdog_trips, "the servos tripped on their own"
-        async with asyncio.timeout(5):
-            while not (await m.loop.reset()).granted:
-                await asyncio.sleep(0.05)
-        assert m.loop.arm("alice").granted
-        start_x = m.world.tip_and_axis()[0][0]
-        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
-            await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)
+        await reset_rearm_and_move(m)
 
 
 async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset() -> None:
@@ -293,13 +299,7 @@ async def test_a_stall_longer_than_the_servo_watchdog_latches_estop_until_reset(
             await wait_for(lambda: Reason.ESTOP_SERVO_WATCHDOG in m.status_reasons())
             assert m.sim.watchdog_trips, "the servos tripped on their own"
         assert m.loop.arm("alice").reason is Reason.ESTOP_SERVO_WATCHDOG
-        async with asyncio.timeout(5):  # refused while the commanded stop still decelerates
-            while not (await m.loop.reset()).granted:
-                await asyncio.sleep(0.05)
-        assert m.loop.arm("alice").granted
-        start_x = m.world.tip_and_axis()[0][0]
-        async with operator(m.loop, Twist((0.03, 0, 0), (0, 0, 0))):
-            await wait_for(lambda: m.world.tip_and_axis()[0][0] > start_x + 0.003)
+        await reset_rearm_and_move(m)
 
 
 @pytest.mark.parametrize("after_enable", ["slow bus", "read fails"])
