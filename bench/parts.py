@@ -94,15 +94,26 @@ def make_part(name: str) -> Part:
 UNITS = Path(__file__).parents[1] / "systemd"
 
 
+def unit_lines(daemon: str, key: str) -> list[str]:
+    """The values of ``key=`` in the daemon's systemd unit, in order."""
+    for unit in (UNITS / f"medge-{daemon}.service", UNITS / f"medge-{daemon}@.service"):
+        if unit.exists():
+            return [line.removeprefix(f"{key}=") for line in unit.read_text().splitlines()
+                    if line.startswith(f"{key}=")]
+    return []
+
+
 def unit_nice(daemon: str) -> int:
     """``Nice=`` of the daemon's systemd unit (0 if it sets none): the bench runs a daemon at
     the priority it has when deployed."""
-    for unit in (UNITS / f"medge-{daemon}.service", UNITS / f"medge-{daemon}@.service"):
-        if unit.exists():
-            for line in unit.read_text().splitlines():
-                if line.startswith("Nice="):
-                    return int(line.removeprefix("Nice="))
-    return 0
+    return int(next(iter(unit_lines(daemon, "Nice")), 0))
+
+
+def unit_environment(daemon: str) -> dict[str, str]:
+    """``Environment=`` of the daemon's unit (``KEY=VALUE`` each; e.g. the microscope's
+    ``MALLOC_ARENA_MAX``), which the bench sets as systemd would."""
+    return dict(entry.split("=", 1) for line in unit_lines(daemon, "Environment")
+                for entry in line.split())
 
 
 def medge_command(*args: str, nice: int = 0) -> list[str]:
@@ -183,10 +194,11 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start it at its unit's priority (``Nice=``), as systemd would."""
+        """Start it at its unit's priority (``Nice=``) and environment, as systemd would."""
         self.proc = subprocess.Popen(
             medge_command("run", self.name, "--config", str(self.config),
                           nice=unit_nice(self.name)),
+            env={**os.environ, **unit_environment(self.name)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         threading.Thread(target=_copy, args=(self.proc.stdout, self.log), daemon=True).start()
