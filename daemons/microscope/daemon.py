@@ -68,6 +68,7 @@ from drivers.grbl import rapid_move_s
 from drivers.grbl_protocol import GrblReset
 from drivers.stage import XYZ, PositionLostError, StageDisconnected, StageError
 from medge.config import ConfigError, bounds, load
+from medge.memory import release_free_memory
 from medge.mqtt import LinkDown, PublishRefused
 from medge.runtime import Runtime
 from medge.service import Service
@@ -264,6 +265,8 @@ class Microscope:
                 await self._run(job)
             finally:
                 self.current = None
+            # a slide's tiles peak at ~100 MiB; give it back between slides, not at the next peak
+            await asyncio.to_thread(release_free_memory)
 
     async def _run(self, job: JobState) -> None:
         job.status = "running"
