@@ -17,6 +17,7 @@ from fhir.resources.R4B.observation import Observation
 from daemons.gateway import enrolment
 from daemons.gateway.clock import ClockTracker, localize
 from daemons.gateway.daemon import CONFIG, publish_due
+from daemons.gateway.devices import DeviceRunner, DeviceSection
 from daemons.gateway.observations import Context, codes_from_strings, observations
 from daemons.gateway.status_page import StatusBoard, StatusPage
 from drivers.measurement import Measurement, Reading, Samples
@@ -312,3 +313,21 @@ def test_readings_are_published_at_their_pace_and_after_the_clock_steps_back() -
     assert publish_due(last, "urine", 0.0, t0)  # every strip, whatever the clock does
     assert publish_due(last, "urine", 0.0, back)
     assert publish_due(last, "urine", 0.0, back)
+
+
+def test_no_data_levels_follow_the_monotonic_clock_not_the_wall_clock() -> None:
+    """A box without a real-time clock boots at a stale wall time and NTP steps it by hours:
+    judged on the wall clock, every device got a "no data for 600 min" alarm at once."""
+    elapsed = [1000.0]
+
+    async def ignore(*_: Any) -> None:
+        pass
+
+    runner = DeviceRunner(DeviceSection("scale", "urine-printout", "socket://127.0.0.1:9"),
+                          ignore, ignore, monotonic=lambda: elapsed[0])
+    levels = []
+    for minutes in (14.9, 15.0, 29.9, 30.0, 30.5):
+        elapsed[0] = 1000.0 + minutes * 60
+        levels.append(runner.check_stale())
+    assert levels == [None, "warn", None, "urgent", None]
+    assert runner.minutes_without_data() == pytest.approx(30.5)

@@ -86,7 +86,7 @@ class Gateway:
         self.board = StatusBoard(cfg.node.node, clock)
         auto = [d for d in section.devices if d.port == AUTO]
         finder = PortFinder(auto, section.discovery) if auto else None
-        self.runners = [DeviceRunner(d, self._on_measurement, self._on_connection, clock,
+        self.runners = [DeviceRunner(d, self._on_measurement, self._on_connection,
                                      finder if d.port == AUTO else None)
                         for d in section.devices]
         self.manager = DeviceManager(self.runners, finder)
@@ -226,12 +226,11 @@ class Gateway:
         while True:
             now = self._clock()
             for runner in self.runners:
-                level = runner.check_stale(now)
+                level = runner.check_stale()
                 if level is None:
                     continue
                 self.board.devices[runner.cfg.name].stale = level
-                since = runner.last_data_at or runner.started_at
-                minutes = (now - since).total_seconds() / 60
+                minutes = runner.minutes_without_data()
                 await self._technical(
                     runner.cfg.name, "no-data", "cleared" if level == "ok" else "active",
                     "data again" if level == "ok" else f"no data for {minutes:.0f} min",

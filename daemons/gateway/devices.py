@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -193,18 +193,19 @@ class DeviceRunner:
     """Reads one device for ever: open, stream, and on failure back off and reopen."""
 
     def __init__(self, cfg: DeviceSection, on_measurement: Sink, on_state: StateSink,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 finder: PortFinder | None = None) -> None:
+                 finder: PortFinder | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.finder = finder
         self.zone = ZoneInfo(cfg.clock_timezone)
         self._on_measurement = on_measurement
         self._on_state = on_state
-        self._clock = clock
+        self._monotonic = monotonic
         self.connection = "starting"
-        self.last_data_at: datetime | None = None
-        """Gateway time of the last measurement (for stale-data detection)."""
-        self.started_at = clock()
+        self._last_data_at = monotonic()
+        """Monotonic time of the last measurement (or the start): stale-data detection must not
+        fire, or stay silent, because the wall clock was stepped (NTP at boot on a box without
+        a real-time clock steps it by hours)."""
         self.stale_level: Literal["ok", "warn", "urgent"] = "ok"
         self.measurements = 0
         self.serial = cfg.serial
@@ -225,7 +226,7 @@ class DeviceRunner:
                     await self._set_connection("connected", "")
                     async for m in stream(link):
                         delay = self.cfg.reconnect_min_s
-                        self.last_data_at = self._clock()
+                        self._last_data_at = self._monotonic()
                         self.measurements += 1
                         if m.device_id:
                             self.serial = m.device_id
@@ -247,10 +248,12 @@ class DeviceRunner:
         if previous != state:
             await self._on_state(self, previous, reason)
 
-    def check_stale(self, now: datetime) -> Literal["ok", "warn", "urgent"] | None:
+    def minutes_without_data(self) -> float:
+        return (self._monotonic() - self._last_data_at) / 60
+
+    def check_stale(self) -> Literal["ok", "warn", "urgent"] | None:
         """The new stale level if it changed since the last check, else None."""
-        since = self.last_data_at or self.started_at
-        minutes = (now - since).total_seconds() / 60
+        minutes = self.minutes_without_data()
         level: Literal["ok", "warn", "urgent"] = (
             "urgent" if minutes >= self.cfg.stale_urgent_min
             else "warn" if minutes >= self.cfg.stale_warn_min else "ok")
