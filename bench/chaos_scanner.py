@@ -253,8 +253,9 @@ slide = "test"
             await asyncio.sleep(min(2.0, interval))
 
     def _clean_delivered(self) -> None:
-        """Retention (the daemon has none): a job whose series is complete in the PACS keeps
-        its state and report; its tiles and DICOM files go, so an hour's soak stays small."""
+        """A job whose series is complete in the PACS keeps its state and report; its tiles
+        and DICOM files go once checked against Orthanc, so an hour's soak stays small (the
+        daemon's own retention, ``keep_delivered_days``, counts in days)."""
         for job in self.jobs.values():
             if job.verified or job.summary.get("delivery") != "delivered":
                 continue

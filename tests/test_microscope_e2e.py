@@ -38,7 +38,8 @@ class Scanner:
 
     def __init__(self, workdir: Path, broker: Mosquitto, pacs: Orthanc | None = None,
                  disk_reserve_mb: float = 1.0, stage_port: str = "sim",
-                 recent_jobs: int = 200, **simulator: Any) -> None:
+                 recent_jobs: int = 200, keep_delivered_days: float = 7.0,
+                 **simulator: Any) -> None:
         self.workdir = workdir
         self.config = workdir / "microscope.toml"
         self.log = workdir / "daemon.log"
@@ -65,6 +66,7 @@ reconnect_max = 0.5
 objectives_file = "{OBJECTIVES}"
 {pacs_line}disk_reserve_mb = {disk_reserve_mb}
 recent_jobs = {recent_jobs}
+keep_delivered_days = {keep_delivered_days}
 focus_points = 3
 [microscope.stage]
 port = "{stage_port}"
@@ -191,6 +193,29 @@ def test_a_scan_lands_in_orthanc_and_passes_the_validators(
     assert report["validation"]["ok"] is True
     assert report["focus"]["max_abs_residual_um"] < 5.0
     assert set(report["timings_s"]) >= {"focus", "acquire", "stitch", "dicom", "deliver"}
+
+
+def test_a_delivered_scan_leaves_the_scanner_after_its_keep_time(
+        scanners: Callable[..., Scanner], orthanc: Orthanc,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing removed the files of delivered scans: a scanner's disk filled with tiles and
+    DICOM copies the PACS already held, and then scanning stopped."""
+    scanner = scanners(pacs=orthanc, keep_delivered_days=0)
+    job = scanner.submit(capsys, "--pacs", "lab")
+    assert scanner.wait_for(job, finished)["delivery"] == "delivered"
+    later = scanner.submit(capsys)  # the worker tidies up before it takes the next job
+    scanner.wait_for(later, lambda s: s["status"] == "running")
+    assert scanner.cli(capsys, "scan", "cancel", later)[0] == 0
+    directory = scanner.workdir / "state" / "scans" / job
+    kept = {p.name for p in directory.iterdir()}
+    assert kept.isdisjoint({"tiles", "dicom", "work"}), kept
+    assert {"state.json", "report.json", "overview.png"} <= kept, kept
+    status, out, _ = scanner.cli(capsys, "scan", "status", job, "--json")
+    assert status == 0 and "removed from the scanner" in json.loads(out)["message"]
+    status, out, _ = scanner.cli(capsys, "scan", "report", job)
+    assert status == 0 and "9 planned, 9 captured" in out and "delivery: delivered" in out
+    assert scanner.wait_for(later, finished)["status"] == "cancelled"
+    assert (scanner.workdir / "state" / "scans" / later / "tiles").exists()
 
 
 def test_invalid_jobs_and_a_missing_daemon_get_one_clear_sentence(

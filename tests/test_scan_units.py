@@ -20,6 +20,7 @@ from daemons.microscope.jobs import (
     TileRecord,
     new_job_id,
     parse_spec,
+    remove_delivered_files,
 )
 from daemons.microscope.rig import load_objectives, small_slide
 from medge.config import ConfigError
@@ -91,6 +92,43 @@ def test_a_corrupt_state_file_is_reported_not_dropped(tmp_path: Path) -> None:
         store.load("20260101-000000-abcdef")
     with pytest.raises(JobError, match="not a job id"):
         store.load("../../etc")
+
+
+def test_only_delivered_scans_past_their_keep_time_lose_their_tiles_and_dicom(
+        tmp_path: Path) -> None:
+    """Without retention the disk filled and scanning stopped; a job that may still need its
+    files (failed, cancelled, spooled, busy, unreadable) keeps them."""
+    store = JobStore(tmp_path)
+    jobs = {}
+    for name, status, delivery, finished_at in [
+            ("old", "done", "delivered", 1000.0), ("recent", "done", "delivered", 3000.0),
+            ("spooled", "done", "spooled", 1000.0), ("failed", "failed", "", 1000.0),
+            ("cancelled", "cancelled", "", 1000.0), ("busy", "done", "delivered", 1000.0)]:
+        job = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()), status=status,
+                       delivery=delivery, finished_at=finished_at)
+        store.save(job)
+        for directory in ("tiles", "dicom"):
+            (tmp_path / job.id / directory).mkdir()
+            (tmp_path / job.id / directory / "0.bin").write_bytes(b"x")
+        (tmp_path / job.id / "overview.png").write_bytes(b"png")
+        jobs[name] = job.id
+    corrupt = tmp_path / "20260101-000000-abcdef"
+    (corrupt / "tiles").mkdir(parents=True)
+    (corrupt / "state.json").write_text("{not json")
+
+    removed = remove_delivered_files(store, finished_before=2000.0, busy={jobs["busy"]})
+
+    assert [job.id for job in removed] == [jobs["old"]]
+    old = store.load(jobs["old"])
+    assert old.files_removed_at > 0 and "removed" in old.message
+    assert sorted(p.name for p in (tmp_path / jobs["old"]).iterdir()) == [
+        "overview.png", "state.json"]
+    for name in ("recent", "spooled", "failed", "cancelled", "busy"):
+        assert (tmp_path / jobs[name] / "tiles" / "0.bin").exists(), name
+        assert store.load(jobs[name]).files_removed_at == 0, name
+    assert (corrupt / "tiles").exists()
+    assert remove_delivered_files(store, finished_before=2000.0, busy=set()) == [
+        store.load(jobs["busy"])]
 
 
 def test_tissue_is_found_where_the_slide_is_stained() -> None:

@@ -51,6 +51,7 @@ from daemons.microscope.jobs import (
     TileRecord,
     new_job_id,
     parse_spec,
+    remove_delivered_files,
     write_atomically,
 )
 from daemons.microscope.optics import Objective
@@ -85,6 +86,8 @@ FLAT_FRAME_SHARPNESS = 1e-5
 """Exposure-normalised Laplacian variance below which a tile is flagged as featureless."""
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """No space, quota exceeded, file size limit: a write failed for want of disk."""
+TIDY_EVERY_S = 3600.0
+"""An idle scanner still removes the files of scans that came of age (``_tidy``)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,10 @@ class ScanSection:
     recent_jobs: int = field(default=200, metadata=bounds(min=1, max=100_000))
     """Finished jobs ``medge scan list`` shows (a summary each in memory); older ones stay on
     disk and answer ``status``, ``report`` and ``resume`` by id."""
+    keep_delivered_days: float = field(default=7.0, metadata=bounds(min=0, max=3650))
+    """Days a scan's tiles and DICOM files stay on the scanner once the PACS confirmed every
+    instance (counted from the scan's end); then they go, or the disk fills and scanning stops.
+    Failed, cancelled and spooled jobs keep everything."""
     stage: StageSection = field(default_factory=StageSection)
     camera: CameraSection = field(default_factory=CameraSection)
     simulator: SimulatorSection = field(default_factory=SimulatorSection)
@@ -254,19 +261,36 @@ class Microscope:
         return min(queued, key=lambda job: job.created_at, default=None)
 
     async def _work(self) -> None:
+        await self._tidy()
         while True:
             job = self._next_job()
             if job is None:
                 self._wake.clear()
-                await self._wake.wait()
+                try:
+                    async with asyncio.timeout(TIDY_EVERY_S):
+                        await self._wake.wait()
+                except TimeoutError:  # idle: delivered scans may have come of age meanwhile
+                    await self._tidy()
                 continue
             self.current = job
             try:
                 await self._run(job)
             finally:
                 self.current = None
-            # a slide's tiles peak at ~100 MiB; give it back between slides, not at the next peak
-            await asyncio.to_thread(release_free_memory)
+            await self._tidy()
+
+    async def _tidy(self) -> None:
+        """Between jobs: remove the files of scans delivered ``keep_delivered_days`` ago, and
+        give the heap a slide's tiles freed (~100 MiB at the peak) back to the OS now, not at
+        the next peak."""
+        finished_before = time.time() - self.cfg.keep_delivered_days * 86400
+        removed = await asyncio.to_thread(remove_delivered_files, self.store, finished_before,
+                                          set(self.jobs))
+        for job in removed:
+            log.info("tiles and DICOM files removed after delivery", job=job.id)
+            if job.id in self.recent:
+                self.recent[job.id] = (job.finished_at, job.summary())
+        await asyncio.to_thread(release_free_memory)
 
     async def _run(self, job: JobState) -> None:
         job.status = "running"

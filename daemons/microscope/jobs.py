@@ -13,8 +13,10 @@ import math
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +151,8 @@ class JobState:
     """Wall time it last finished (0: not yet): ``medge scan list`` shows the newest."""
     delivery: str = ""
     """none | delivered | spooled | failed (PACS); empty until the delivery phase."""
+    files_removed_at: float = 0.0
+    """Wall time its tiles and DICOM files were removed, the PACS holding the series (0: kept)."""
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -239,6 +243,40 @@ class JobStore:
         by the caller: a lab's whole history never has to fit in memory at once."""
         return [directory.name for directory in sorted(self.root.iterdir())
                 if JOB_ID.match(directory.name) and (directory / "state.json").exists()]
+
+
+REMOVABLE_AFTER_DELIVERY = ("tiles", "dicom", "work")
+"""What a delivered job no longer needs on the scanner; its state, report and the overview and
+label images (small) stay, so ``status`` and ``report`` still answer."""
+
+
+def remove_delivered_files(store: JobStore, finished_before: float,
+                           busy: Collection[str]) -> list[JobState]:
+    """Remove the tiles and DICOM files of every job that is done, delivered (the PACS confirmed
+    every instance) and finished before ``finished_before`` (wall time); ``busy`` jobs may
+    still change and are left alone. Failed and cancelled jobs keep their tiles for a resume,
+    spooled ones their files for the retry. Returns the jobs changed."""
+    changed = []
+    for job_id in store.ids():
+        directory = store.directory(job_id)
+        if job_id in busy or not any((directory / name).exists()
+                                     for name in REMOVABLE_AFTER_DELIVERY):
+            continue
+        try:
+            job = store.load(job_id)
+        except StateCorrupt:
+            continue  # reported at start; its files are evidence, not clutter
+        if job.status != "done" or job.delivery != "delivered" \
+                or job.finished_at > finished_before:
+            continue
+        job.files_removed_at = time.time()
+        job.message = "finished; tiles and DICOM files removed from the scanner (the series " \
+                      "is in the PACS)"
+        store.save(job)  # first: a crash mid-removal leaves a job that says so, removed next time
+        for name in REMOVABLE_AFTER_DELIVERY:
+            shutil.rmtree(directory / name, ignore_errors=True)
+        changed.append(job)
+    return changed
 
 
 def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
