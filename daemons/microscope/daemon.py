@@ -49,6 +49,7 @@ from daemons.microscope.jobs import (
     JobStore,
     StateCorrupt,
     TileRecord,
+    load_for_start,
     new_job_id,
     parse_spec,
     remove_delivered_files,
@@ -225,23 +226,21 @@ class Microscope:
         await self.rig.close()
 
     def _load_jobs(self) -> None:
-        for job_id in self.store.ids():
-            try:
-                job = self.store.load(job_id)
-            except StateCorrupt as exc:
-                log.error("job state unreadable; left on disk", error=str(exc))
-                continue
+        stored = load_for_start(self.store, self.cfg.recent_jobs)
+        for error in stored.unreadable:
+            log.error("job state unreadable; left on disk", error=error)
+        self.recent = stored.recent
+        for job in stored.live:
             if job.status == "running":  # the daemon died mid-scan: carry on where it was
                 job.status = "queued"
                 job.resumes += 1
                 job.message = "resuming after a restart"
                 self.store.save(job)
             self.jobs[job.id] = job
-            self._retire(job)
 
     def _retire(self, job: JobState) -> None:
         """Keep only a summary of a job nothing will change any more (delivery included)."""
-        if not job.finished or job.delivery == "spooled":
+        if not job.settled:
             return
         self.jobs.pop(job.id, None)
         self.recent[job.id] = (job.finished_at, job.summary())
@@ -368,9 +367,9 @@ class Microscope:
         sync = durable or now - self._synced_at >= STATE_SYNC_S
         if sync:
             self._synced_at = now
-        data = self.store.encode(job)  # here: the event loop is the only writer of jobs
+        encoded = self.store.encode(job)  # here: the event loop is the only writer of jobs
         async with self._writing:  # one write at a time, in the order the states were taken
-            await asyncio.to_thread(functools.partial(self.store.write, job.id, data, sync=sync))
+            await asyncio.to_thread(functools.partial(self.store.write, encoded, sync=sync))
         body = self.progress(job)
         await self.rt.publish_now(DAEMON, "state", body, retain=True)
         if durable:
