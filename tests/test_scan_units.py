@@ -3,7 +3,9 @@ tile planning, focus fitting, tile checksums and mosaic placement."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from daemons.microscope.jobs import (
     new_job_id,
     parse_spec,
     remove_delivered_files,
+    write_atomically,
 )
 from daemons.microscope.rig import load_objectives, small_slide
 from medge.config import ConfigError
@@ -132,6 +135,27 @@ def test_only_delivered_scans_past_their_keep_time_lose_their_tiles_and_dicom(
         store.load(jobs["busy"])]
 
 
+def test_on_a_full_disk_the_files_go_first_and_the_removal_is_recorded_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = JobStore(tmp_path)
+    job = JobState(new_job_id(), parse_spec(VALID, OBJECTIVES, set()), status="done",
+                   delivery="delivered", finished_at=1.0)
+    store.save(job)
+    (tmp_path / job.id / "tiles").mkdir()
+    write = store.write
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def full_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write", full_once)
+    assert [j.id for j in remove_delivered_files(store, 2.0, set())] == [job.id]
+    assert not (tmp_path / job.id / "tiles").exists()
+    assert store.load(job.id).files_removed_at > 0
+
+
 def test_a_start_reads_live_jobs_whole_and_only_the_newest_settled_summaries(
         tmp_path: Path) -> None:
     """A start loaded every job's whole state (~300 KB and 9 ms for 1,500 tiles): a busy lab's
@@ -170,6 +194,23 @@ def test_a_settled_job_changed_again_loses_its_settled_file(tmp_path: Path) -> N
     job.status, job.delivery = "done", "spooled"
     store.save(job)
     assert not store.is_settled(job.id)
+
+
+def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every failed save on a full disk left a partial temporary file (the chaos disk-full
+    fault fails each write at 4 KiB; a job's state is saved after every tile)."""
+    path = tmp_path / "state.json"
+    write_atomically(path, b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(path, b"new" * 10_000)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 def test_tissue_is_found_where_the_slide_is_stained() -> None:

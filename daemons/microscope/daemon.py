@@ -283,8 +283,12 @@ class Microscope:
         give the heap a slide's tiles freed (~100 MiB at the peak) back to the OS now, not at
         the next peak."""
         finished_before = time.time() - self.cfg.keep_delivered_days * 86400
-        removed = await asyncio.to_thread(remove_delivered_files, self.store, finished_before,
-                                          set(self.jobs))
+        try:
+            removed = await asyncio.to_thread(remove_delivered_files, self.store,
+                                              finished_before, set(self.jobs))
+        except OSError as exc:  # the queue goes on; the next tidy tries again
+            log.error("removing delivered scans failed", error=str(exc))
+            removed = []
         for job in removed:
             log.info("tiles and DICOM files removed after delivery", job=job.id)
             if job.id in self.recent:

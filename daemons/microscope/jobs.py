@@ -357,23 +357,33 @@ def remove_delivered_files(store: JobStore, finished_before: float,
         job.files_removed_at = time.time()
         job.message = "finished; tiles and DICOM files removed from the scanner (the series " \
                       "is in the PACS)"
-        store.save(job)  # first: a crash mid-removal leaves a job that says so, removed next time
+        try:
+            store.save(job)  # first: a crash mid-removal leaves a job that says so
+            recorded = True
+        except OSError:  # a full disk, which is what the removal is for: record it after
+            recorded = False
         for name in REMOVABLE_AFTER_DELIVERY:
             shutil.rmtree(directory / name, ignore_errors=True)
+        if not recorded:
+            store.save(job)
         changed.append(job)
     return changed
 
 
 def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new content, whole;
-    with ``sync`` also a power loss."""
+    with ``sync`` also a power loss. A failed write leaves the old content and nothing else."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        if sync:
-            os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # a full disk: no partial file left behind by every failed save
+        temporary.unlink(missing_ok=True)
+        raise
     if not sync:
         return
     directory = os.open(path.parent, os.O_RDONLY)
