@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -13,14 +14,19 @@ import numpy as np
 import pytest
 
 from daemons.manipulator import us_dicom
-from daemons.manipulator.ultrasound import UltrasoundSection
+from daemons.manipulator.ultrasound import (
+    DELIVERED,
+    UltrasoundSection,
+    mark_delivered,
+    remove_delivered,
+)
 from daemons.manipulator.us_dicom import Exam, FrameRecord, ImageGeometry, UsDicomError
 from firmware_sim.ultrasound import ImageGeometry as SimGeometry
 from firmware_sim.ultrasound import Phantom, render_bmode
 from medge.config import Secret
 from medge.localbroker import Mosquitto
 from medge.pacs.config import Destination, RetryPolicy
-from medge.pacs.delivery import SpoolDelivery
+from medge.pacs.delivery import Progress, SpoolDelivery
 from medge.pacs.spool import Spool
 from tests.fixtures.orthanc import Orthanc
 from tests.teleop_rig import rig, wait_for
@@ -162,3 +168,21 @@ async def test_daemon_recording_is_delivered_to_orthanc_through_its_spool(
                        == {str(ds.SOPInstanceUID)}, 60)
         await wait_for(lambda: not list((tmp_path / "spool").iterdir()), 30)
     assert ds.PatientID == "PSEUDO-9"
+    assert not path.exists() and (path.parent / DELIVERED / path.name).exists()
+
+
+def test_delivered_recordings_go_after_their_keep_time_and_undelivered_ones_stay(
+        tmp_path: Path) -> None:
+    """Nothing removed recordings the PACS held: the box's disk filled and recording stopped."""
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
+        (tmp_path / name).write_bytes(b"DICM")
+    mark_delivered(tmp_path, Progress("job-a", "pacs", 1, 1, "a.dcm"))
+    mark_delivered(tmp_path, Progress("job-b", "pacs", 1, 1, "b.dcm"))
+    mark_delivered(tmp_path, Progress("job-c", "pacs", 0, 1, "c.dcm"))  # not yet confirmed
+    mark_delivered(tmp_path, Progress("job-a", "pacs", 1, 1, "a.dcm"))  # again: no harm
+    delivered = tmp_path / DELIVERED
+    assert sorted(p.name for p in delivered.iterdir()) == ["a.dcm", "b.dcm"]
+    os.utime(delivered / "a.dcm", (1000.0, 1000.0))  # confirmed long ago
+    assert remove_delivered(tmp_path, delivered_before=2000.0) == [delivered / "a.dcm"]
+    assert sorted(p.name for p in delivered.iterdir()) == ["b.dcm"]
+    assert (tmp_path / "c.dcm").exists()

@@ -23,7 +23,9 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import functools
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,7 @@ from medge.config import bounds
 
 if TYPE_CHECKING:
     from daemons.manipulator.daemon import ManipulatorDaemon
+    from medge.pacs.delivery import Progress
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +65,49 @@ CAPTURE_THREAD_NICE = 10
 """The grabber's and the encoder's threads run this much nicer than the daemon, so that on a
 busy box the control loop's thread gets the CPU first (a late frame is dropped and counted; a
 late control cycle can trip the servos' watchdog)."""
+
+
+DELIVERED = "delivered"
+"""Beside the recordings: those the PACS confirmed, each stamped (mtime) when it was."""
+TIDY_EVERY_S = 3600.0
+RECENT_RECORDINGS = 100
+
+
+def mark_delivered(output_dir: Path, progress: Progress) -> None:
+    """A recording the PACS confirmed moves to ``delivered/``, stamped now: its keep time
+    starts. (One recording is one instance, and its file is named after it, as in the spool.)"""
+    if progress.confirmed != progress.total:
+        return
+    source = output_dir / progress.instance
+    target = output_dir / DELIVERED / progress.instance
+    target.parent.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # delivered again after a restart
+        os.replace(source, target)
+        os.utime(target)
+
+
+def remove_delivered(output_dir: Path, delivered_before: float) -> list[Path]:
+    """Remove the recordings the PACS confirmed before ``delivered_before`` (wall time)."""
+    removed = []
+    for path in sorted((output_dir / DELIVERED).glob("*.dcm")):
+        if path.stat().st_mtime < delivered_before:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+async def tidy_recordings(output_dir: Path, keep_days: float) -> None:
+    """Hourly: the delivered recordings that came of age go."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(remove_delivered, output_dir,
+                                              time.time() - keep_days * 86400)
+        except OSError as exc:
+            log.error("removing delivered recordings failed", error=str(exc))
+        else:
+            for path in removed:
+                log.info("recording removed after delivery", file=path.name)
+        await asyncio.sleep(TIDY_EVERY_S)
 
 
 class FrameSource(Protocol):
@@ -103,6 +149,9 @@ class UltrasoundSection:
     pacs_file: Path | None = None
     """PACS destinations and spool (medge.pacs.config.PacsConfig); none: files only."""
     pacs_destination: str = ""
+    keep_delivered_days: float = field(default=7.0, metadata=bounds(min=0, max=3650))
+    """Days a recording stays on the box once the PACS confirmed it (then it is removed, or
+    the disk fills and recording stops). Without ``pacs_file`` recordings are never removed."""
     patient_id: str = "anonymous"
     accession_number: str = "none"
     surface_z_m: float = -0.22
@@ -207,7 +256,8 @@ class UltrasoundService:
         self.recording: Recording | None = None
         self.last_recording: Recording | None = None
         """The recording stopped last (its frame and skipped counts for the stop reply)."""
-        self.written: list[Path] = []
+        self.written: collections.deque[Path] = collections.deque(maxlen=RECENT_RECORDINGS)
+        """The newest recordings (for ``list``): a box that records for years holds no more."""
         self.sweep: SweepRun | None = None
         self.latest: StampedFrame | None = None
         self._frame_event = asyncio.Event()
@@ -488,10 +538,11 @@ async def attach(daemon: ManipulatorDaemon, section: UltrasoundSection,
     await source.open()
     daemon._stack.push_async_callback(source.close)
     deliver = None
+    output_dir = daemon.cfg.node.state_dir / "ultrasound"
     if section.pacs_file is not None:
-        deliver = _start_delivery(daemon, section.pacs_file, section.pacs_destination)
+        deliver = _start_delivery(daemon, section, output_dir)
     service = UltrasoundService(
-        section, source, track, output_dir=daemon.cfg.node.state_dir / "ultrasound",
+        section, source, track, output_dir=output_dir,
         publish=lambda topic, payload: daemon.rt.link.publish(topic, payload, qos=0),
         live_topic=f"{daemon.topics.state}/us", deliver=deliver, clock=daemon.clock)
     daemon._stack.push_async_callback(service.close)
@@ -501,17 +552,22 @@ async def attach(daemon: ManipulatorDaemon, section: UltrasoundSection,
     return service
 
 
-def _start_delivery(daemon: ManipulatorDaemon, pacs_file: Path,
-                    destination: str) -> Callable[[Path], None]:
+def _start_delivery(daemon: ManipulatorDaemon, section: UltrasoundSection,
+                    output_dir: Path) -> Callable[[Path], None]:
     from medge.config import load
     from medge.pacs.config import PacsConfig
     from medge.pacs.delivery import SpoolDelivery
     from medge.pacs.spool import Spool
 
-    pacs = load(pacs_file, PacsConfig)
+    assert section.pacs_file is not None
+    destination = section.pacs_destination
+    pacs = load(section.pacs_file, PacsConfig)
     pacs.destination(destination)  # fails at start, naming the known ones, not at first send
-    delivery = SpoolDelivery(Spool(pacs.spool_dir), pacs.destinations, pacs.retry)
+    delivery = SpoolDelivery(Spool(pacs.spool_dir), pacs.destinations, pacs.retry,
+                             on_progress=functools.partial(mark_delivered, output_dir))
     daemon._spawn(delivery.run(asyncio.Event(), idle_s=5.0), "ultrasound-pacs-delivery")
+    daemon._spawn(tidy_recordings(output_dir, section.keep_delivered_days),
+                  "ultrasound-tidy")
 
     def deliver(path: Path) -> None:
         delivery.spool.enqueue([path], destination)
