@@ -4,8 +4,8 @@
 
 Writes ``--jobs`` settled jobs of ``--tiles`` tiles each (1,500: a 15 x 15 mm area at 20x; a
 state file of ~300 KB) and a few live ones, then times in the same run, page cache warm:
-- ``load_for_start``: what the daemon reads now (live jobs whole, the newest ``--recent``
-  settled summaries);
+- ``load_for_start``: what the daemon reads now (live jobs whole, the ``--recent`` last finished
+  settled summaries, chosen by the files' times);
 - the peer: every state file loaded whole (what the daemon did before, commit 12a3919).
 Prints seconds per start and the start after a year at 100 slides a day (linear per job),
 beside systemd's default start timeout (90 s; the unit is Type=notify).
@@ -72,7 +72,7 @@ def main() -> None:
           f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'start reads':<32} | {'seconds':>8} | {'a year (36,500 jobs, linear), s':>24}")
     print(f"{'-' * 32}-+-{'-' * 8}-+-{'-' * 24}")
-    for name, seconds in (("live whole + newest summaries", now),
+    for name, seconds in (("live whole + last summaries", now),
                           ("every state whole (before)", whole)):
         year = seconds / (args.jobs + 3) * SLIDES_A_YEAR  # linear: an upper bound for the first
         print(f"{name:<32} | {seconds:8.3f} | {year:24.1f}")

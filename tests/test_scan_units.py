@@ -156,19 +156,19 @@ def test_on_a_full_disk_the_files_go_first_and_the_removal_is_recorded_after(
     assert store.load(job.id).files_removed_at > 0
 
 
-def test_a_start_reads_live_jobs_whole_and_only_the_newest_settled_summaries(
+def test_a_start_reads_live_jobs_whole_and_only_the_last_finished_summaries(
         tmp_path: Path) -> None:
-    """A start loaded every job's whole state (~300 KB and 9 ms for 1,500 tiles): a busy lab's
-    first year of slides took minutes, past systemd's start timeout."""
+    """A start loaded every job's whole state (~290 KB and ~10 ms for 1,500 tiles): a busy
+    lab's first year of slides took minutes, past systemd's start timeout."""
     store = JobStore(tmp_path)
     ids = [f"20260101-00000{n}-aaaaaa" for n in range(1, 8)]
-    for job_id, status, delivery in zip(ids, ["queued", "done", "done", "done", "done",
-                                              "failed", "done"],
-                                        ["", "delivered", "spooled", "delivered", "none", "",
-                                         "none"], strict=True):
+    for job_id, status, delivery, finished_at in zip(ids, [
+            "queued", "done", "done", "done", "done", "failed", "done"], [
+            "", "delivered", "spooled", "delivered", "none", "", "none"], [
+            0.0, 9.0, 3.0, 4.0, 5.0, 2.0, 7.0], strict=True):  # the 2nd: resumed, done last
         store.save(JobState(job_id, parse_spec(VALID, OBJECTIVES, set()), status=status,
-                            delivery=delivery, finished_at=float(job_id[14])))
-    (tmp_path / ids[1] / "state.json").write_text("{beyond the newest: never read")
+                            delivery=delivery, finished_at=finished_at))
+    (tmp_path / ids[5] / "state.json").write_text("{finished first: never read")
     (tmp_path / ids[3] / "settled.json").unlink()  # stored before settled files existed
     (tmp_path / ids[6] / "settled.json").unlink()
     (tmp_path / ids[6] / "state.json").write_text("{not json")
@@ -176,10 +176,10 @@ def test_a_start_reads_live_jobs_whole_and_only_the_newest_settled_summaries(
     found = load_for_start(store, recent_jobs=3)
 
     assert [job.id for job in found.live] == [ids[0], ids[2]]  # queued; spooled for the PACS
-    assert list(found.recent) == [ids[5], ids[4], ids[3]]
+    assert list(found.recent) == [ids[1], ids[4], ids[3]]  # finished at 9, 5, 4
     assert found.recent[ids[3]] == (4.0, store.load(ids[3]).summary())
     assert len(found.unreadable) == 1 and ids[6] in found.unreadable[0]
-    assert store.is_settled(ids[3])  # written back: read cheaply at the next start
+    assert store.settled_at(ids[3]) == 4.0  # written back: a stat at the next start
 
 
 def test_a_settled_job_changed_again_loses_its_settled_file(tmp_path: Path) -> None:
@@ -190,10 +190,10 @@ def test_a_settled_job_changed_again_loses_its_settled_file(tmp_path: Path) -> N
     assert store.settled(job.id) == (5.0, job.summary())
     job.status = "queued"  # resumed by the technician
     store.save(job)
-    assert not store.is_settled(job.id) and store.settled(job.id) is None
+    assert store.settled_at(job.id) is None and store.settled(job.id) is None
     job.status, job.delivery = "done", "spooled"
     store.save(job)
-    assert not store.is_settled(job.id)
+    assert store.settled_at(job.id) is None
 
 
 def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_nothing_behind(

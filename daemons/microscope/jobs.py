@@ -8,6 +8,7 @@ state, never half of one, and resumes from the first tile that is not on disk.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -214,6 +215,7 @@ class EncodedState:
     state: bytes
     settled: bytes | None
     """Finish time and summary, for a settled job."""
+    finished_at: float
 
 
 def _settled_file(state: JobState) -> bytes | None:
@@ -247,7 +249,7 @@ class JobStore:
     @staticmethod
     def encode(state: JobState) -> EncodedState:
         return EncodedState(state.id, json.dumps(state.to_json(), separators=(",", ":")).encode(),
-                            _settled_file(state))
+                            _settled_file(state), state.finished_at)
 
     def write(self, encoded: EncodedState, *, sync: bool = True) -> None:
         """Write an encoded state (encode in the thread that owns the job, write anywhere)."""
@@ -258,15 +260,25 @@ class JobStore:
                 (directory / SETTLED).unlink(missing_ok=True)
             write_atomically(directory / "state.json", encoded.state, sync)
             if encoded.settled is not None:
-                write_atomically(directory / SETTLED, encoded.settled, sync)
+                self._write_settled(directory, encoded.settled, encoded.finished_at, sync)
 
     def settle(self, state: JobState) -> None:
         """Write the settled file of a job stored before there were such files (once)."""
         if (settled := _settled_file(state)) is not None:
-            write_atomically(self.directory(state.id) / SETTLED, settled, sync=False)
+            self._write_settled(self.directory(state.id), settled, state.finished_at, False)
 
-    def is_settled(self, job_id: str) -> bool:
-        return (self.directory(job_id) / SETTLED).exists()
+    @staticmethod
+    def _write_settled(directory: Path, data: bytes, finished_at: float, sync: bool) -> None:
+        write_atomically(directory / SETTLED, data, sync)
+        os.utime(directory / SETTLED, (finished_at, finished_at))  # a start sorts by it
+
+    def settled_at(self, job_id: str) -> float | None:
+        """When a settled job finished (its settled file's time, a stat, not a read); None:
+        not settled."""
+        try:
+            return (self.directory(job_id) / SETTLED).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def settled(self, job_id: str) -> tuple[float, dict[str, Any]] | None:
         """Finish time and summary of a settled job; None: not settled, or the file is
@@ -305,27 +317,28 @@ class StoredJobs:
 
 
 def load_for_start(store: JobStore, recent_jobs: int) -> StoredJobs:
-    """Live jobs whole; of the settled ones only the newest ``recent_jobs`` summaries, from
-    their settled files (older ones are not read at all), so a start takes as long after years
+    """Live jobs whole; of the settled ones only the ``recent_jobs`` that finished last, from
+    their settled files (the others are not read at all), so a start takes as long after years
     of slides as after a week. A job stored before settled files existed gets one."""
     found = StoredJobs()
-    for job_id in reversed(store.ids()):  # newest first
-        if len(found.recent) >= recent_jobs and store.is_settled(job_id):
-            continue
-        if (settled := store.settled(job_id)) is not None:
-            found.recent[job_id] = settled
+    settled: list[tuple[float, str]] = []
+    for job_id in store.ids():
+        if (finished_at := store.settled_at(job_id)) is not None:
+            settled.append((finished_at, job_id))
             continue
         try:
             job = store.load(job_id)
         except StateCorrupt as exc:
             found.unreadable.append(str(exc))
             continue
-        if not job.settled:
-            found.live.insert(0, job)
-            continue
-        store.settle(job)
-        if len(found.recent) < recent_jobs:
-            found.recent[job_id] = (job.finished_at, job.summary())
+        if job.settled:
+            store.settle(job)
+            settled.append((job.finished_at, job_id))
+        else:
+            found.live.append(job)
+    for _, job_id in heapq.nlargest(recent_jobs, settled):
+        if (summary := store.settled(job_id)) is not None:
+            found.recent[job_id] = summary
     return found
 
 
