@@ -328,10 +328,9 @@ class Outbox:
     async def wait_for_records(self, after_id: int, timeout: float | None = None) -> bool:
         """Wait until a record newer than ``after_id`` is committed; False on timeout."""
         async with self._new_records:
-            try:
-                await asyncio.wait_for(
-                    self._new_records.wait_for(lambda: self.last_id > after_id), timeout
-                )
+            try:  # asyncio.timeout, not wait_for: in 3.11 that can drop a cancel (gh-86296)
+                async with asyncio.timeout(timeout):
+                    await self._new_records.wait_for(lambda: self.last_id > after_id)
             except TimeoutError:
                 return False
         return True
@@ -340,7 +339,8 @@ class Outbox:
         """Wait until every record is acknowledged (or dropped); False on timeout."""
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._depth == 0), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: self._depth == 0)
             except TimeoutError:
                 return False
         return True

@@ -142,7 +142,8 @@ class Publisher:
         while True:
             await self._ack_pending.wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ack_ready.wait(), ACK_INTERVAL_S)
+                async with asyncio.timeout(ACK_INTERVAL_S):
+                    await self._ack_ready.wait()
             self._ack_pending.clear()
             self._ack_ready.clear()
             await self._flush_acks()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,26 @@ async def test_frame_timeout(device_node: str) -> None:
         with pytest.raises(CameraTimeout, match=r"no frame within 0\.05 s"):
             await camera.capture()
         fake.gate.set()  # the device wakes up; close() then joins the worker
+
+
+async def test_a_cancel_that_meets_a_frame_ends_the_capture(
+        device_node: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's asyncio.wait_for returns the result when the awaited call finishes in the
+    loop turn a cancel arrives (gh-86296): the capture loop of a stopping daemon swallowed its
+    cancel and captured on, and the manipulator's stop hung (a test, 1 run in 4 under load)."""
+    frame_ready: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+
+    async def in_worker(*_: Any) -> np.ndarray:
+        return await frame_ready
+
+    async with FakeUvc(FakeCapture(), device_node, CameraSettings(resolution=(64, 48))) as camera:
+        monkeypatch.setattr(camera, "_in_worker", in_worker)
+        capture = asyncio.create_task(camera.capture())
+        await asyncio.sleep(0)  # it waits for its frame
+        frame_ready.set_result(np.zeros((48, 64, 3), np.uint8))
+        capture.cancel()  # the daemon stops in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await capture
 
 
 async def test_wrong_frame_shape_is_an_error(device_node: str) -> None:
