@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from medge.settings import DaemonConfig, MqttSection, NodeSection, OutboxSection
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """For rigs whose servo simulator runs in the test's own process: a full collection over
+    all that earlier tests left behind (late in the suite: millions of objects) paused the
+    process past the servos' 100 ms watchdog, and the robot stopped mid-test. Frozen, that heap
+    is not walked again; collections during the test see only its own objects."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def daemon_config(state_dir: Path, port: int, **outbox: Any) -> DaemonConfig:

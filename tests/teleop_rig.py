@@ -27,6 +27,7 @@ from firmware_sim.rgbd_camera import VirtualRgbdCamera
 from medge.runtime import Runtime
 from medge.settings import MqttSection, NodeSection
 from medge.teleop import Broker, RequestTimeout, RobotTopics, TeleopClient
+from tests.helpers import frozen_heap
 
 SITE, NODE, ROBOT = "test-site", "edge-1", "probe-arm"
 SYNC_WRITE = 0x83
@@ -96,16 +97,17 @@ async def rig(
     force = ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
     camera = VirtualRgbdCamera(sim.positions, **(camera_options or {}))
     section.setdefault("registration", RegistrationSection(camera="simulated"))
-    async with sim.serving(faults=bus_faults) as bus_server, \
-            SimulatorServer(force.serve, Endpoint("pty")) as force_server:
-        cfg = manipulator_config(state_dir, port, bus=bus_server.address,
-                                 force_sensor=force_server.address, **section)
-        async with Runtime(cfg, "manipulator") as rt, \
-                ManipulatorDaemon(cfg, rt, camera) as daemon:
-            await rt.link.wait_connected(10)
-            ready = Rig(sim, force, world, camera, daemon, cfg, Broker(port=port))
-            await wait_subscribed(ready)
-            yield ready
+    with frozen_heap():
+        async with sim.serving(faults=bus_faults) as bus_server, \
+                SimulatorServer(force.serve, Endpoint("pty")) as force_server:
+            cfg = manipulator_config(state_dir, port, bus=bus_server.address,
+                                     force_sensor=force_server.address, **section)
+            async with Runtime(cfg, "manipulator") as rt, \
+                    ManipulatorDaemon(cfg, rt, camera) as daemon:
+                await rt.link.wait_connected(10)
+                ready = Rig(sim, force, world, camera, daemon, cfg, Broker(port=port))
+                await wait_subscribed(ready)
+                yield ready
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -28,6 +28,7 @@ from firmware_sim.dynamixel import HW_OVERLOAD, STALL_TORQUE_NM, DynamixelSim
 from firmware_sim.force import ForceSim
 from firmware_sim.link import Endpoint, Faults, SimulatorServer
 from firmware_sim.probe_world import ProbeWorld
+from tests.helpers import frozen_heap
 
 WATCHDOG_S = 0.1
 
@@ -72,25 +73,26 @@ async def manipulator(
     world = ProbeWorld(sim.positions)
     sim.loads = world.servo_loads  # pressing on the belly loads the servos too
     force = ForceSim(lambda: world.contact_force()[0], noise_n=0.0)
-    async with sim.serving(faults=bus_faults) as bus_server, \
-            SimulatorServer(force.serve, Endpoint("pty")) as force_server, \
-            SerialLink.open(bus_server.address) as bus_link, \
-            SerialLink.open(force_server.address) as force_link:
-        sensor = ForceSensor(force_link)
-        reader = asyncio.create_task(sensor.run())
-        chain = DynamixelChain(DynamixelBus(bus_link, timeout_s=0.1), [1, 2, 3, 4, 5])
-        loop = ControlLoop(chain, HolderKinematics(), lambda: sensor.latest, config,
-                           watchdog_s=WATCHDOG_S)
-        try:
-            await sensor.wait_reading(2.0)
-            await loop.start()
-            task = asyncio.create_task(loop.run())
-            await wait_for(lambda: loop.last_output is not None)
-            yield Manipulator(sim, force, world, loop, task)
-        finally:
-            for pending in (locals().get("task"), reader):
-                if pending is not None:
-                    await cancel(pending)
+    with frozen_heap():
+        async with sim.serving(faults=bus_faults) as bus_server, \
+                SimulatorServer(force.serve, Endpoint("pty")) as force_server, \
+                SerialLink.open(bus_server.address) as bus_link, \
+                SerialLink.open(force_server.address) as force_link:
+            sensor = ForceSensor(force_link)
+            reader = asyncio.create_task(sensor.run())
+            chain = DynamixelChain(DynamixelBus(bus_link, timeout_s=0.1), [1, 2, 3, 4, 5])
+            loop = ControlLoop(chain, HolderKinematics(), lambda: sensor.latest, config,
+                               watchdog_s=WATCHDOG_S)
+            try:
+                await sensor.wait_reading(2.0)
+                await loop.start()
+                task = asyncio.create_task(loop.run())
+                await wait_for(lambda: loop.last_output is not None)
+                yield Manipulator(sim, force, world, loop, task)
+            finally:
+                for pending in (locals().get("task"), reader):
+                    if pending is not None:
+                        await cancel(pending)
 
 
 @contextlib.asynccontextmanager
