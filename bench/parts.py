@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -94,13 +95,19 @@ def make_part(name: str) -> Part:
 UNITS = Path(__file__).parents[1] / "systemd"
 
 
-def unit_lines(daemon: str, key: str) -> list[str]:
-    """The values of ``key=`` in the daemon's systemd unit, in order."""
+@functools.cache
+def unit_text(daemon: str) -> str:
+    """The daemon's systemd unit, read once per bench run (every daemon restart asks)."""
     for unit in (UNITS / f"medge-{daemon}.service", UNITS / f"medge-{daemon}@.service"):
         if unit.exists():
-            return [line.removeprefix(f"{key}=") for line in unit.read_text().splitlines()
-                    if line.startswith(f"{key}=")]
-    return []
+            return unit.read_text()
+    return ""
+
+
+def unit_lines(daemon: str, key: str) -> list[str]:
+    """The values of ``key=`` in the daemon's systemd unit, in order."""
+    return [line.removeprefix(f"{key}=") for line in unit_text(daemon).splitlines()
+            if line.startswith(f"{key}=")]
 
 
 def unit_nice(daemon: str) -> int:

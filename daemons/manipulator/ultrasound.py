@@ -540,7 +540,8 @@ async def attach(daemon: ManipulatorDaemon, section: UltrasoundSection,
     deliver = None
     output_dir = daemon.cfg.node.state_dir / "ultrasound"
     if section.pacs_file is not None:
-        deliver = _start_delivery(daemon, section, output_dir)
+        deliver = _start_delivery(daemon, section.pacs_file, section.pacs_destination, output_dir)
+        daemon._spawn(tidy_recordings(output_dir, section.keep_delivered_days), "ultrasound-tidy")
     service = UltrasoundService(
         section, source, track, output_dir=output_dir,
         publish=lambda topic, payload: daemon.rt.link.publish(topic, payload, qos=0),
@@ -552,22 +553,19 @@ async def attach(daemon: ManipulatorDaemon, section: UltrasoundSection,
     return service
 
 
-def _start_delivery(daemon: ManipulatorDaemon, section: UltrasoundSection,
+def _start_delivery(daemon: ManipulatorDaemon, pacs_file: Path, destination: str,
                     output_dir: Path) -> Callable[[Path], None]:
+    """Recordings of ``output_dir`` go through the spool; confirmed ones move to delivered/."""
     from medge.config import load
     from medge.pacs.config import PacsConfig
     from medge.pacs.delivery import SpoolDelivery
     from medge.pacs.spool import Spool
 
-    assert section.pacs_file is not None
-    destination = section.pacs_destination
-    pacs = load(section.pacs_file, PacsConfig)
+    pacs = load(pacs_file, PacsConfig)
     pacs.destination(destination)  # fails at start, naming the known ones, not at first send
     delivery = SpoolDelivery(Spool(pacs.spool_dir), pacs.destinations, pacs.retry,
                              on_progress=functools.partial(mark_delivered, output_dir))
     daemon._spawn(delivery.run(asyncio.Event(), idle_s=5.0), "ultrasound-pacs-delivery")
-    daemon._spawn(tidy_recordings(output_dir, section.keep_delivered_days),
-                  "ultrasound-tidy")
 
     def deliver(path: Path) -> None:
         delivery.spool.enqueue([path], destination)
